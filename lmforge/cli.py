@@ -1,0 +1,112 @@
+"""The `lmforge` command: a dispatch table of verbs, each importing its recipe only when it runs."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+
+from lmforge.errors import LmforgeError, closest
+
+# verb: (module, config class, one-line help). Each module has `run(cfg)`.
+VERBS: dict[str, tuple[str, str, str]] = {
+    "quickstart": ("lmforge.recipes.quickstart", "QuickstartConfig",
+                   "the whole story on built-in data in a few minutes: pretrain, evaluate, generate"),
+    "tokenizer": ("lmforge.recipes.tokenizer", "TokenizerConfig",
+                  "tokenizer train: train a byte-level BPE tokenizer on your text"),
+    "pretrain": ("lmforge.recipes.pretrain", "PretrainConfig",
+                 "stage 1: pretrain a language model from scratch, or continue one on domain text"),
+    "evaluate": ("lmforge.recipes.evaluate", "EvaluateConfig",
+                 "score a model on data and print metrics as JSON (--task lm: loss, perplexity, bits/byte)"),
+    "generate": ("lmforge.recipes.generate", "GenerateConfig", "stream text from a causal LM"),
+    "models": ("lmforge.recipes.models", "ModelsConfig", "list the packaged model aliases and where they resolve"),
+}
+SUBVERBS = {"tokenizer": ["train"]}
+# Long-running, allocation-heavy verbs get tcmalloc when the system has it.
+TCMALLOC_VERBS = {"pretrain", "finetune", "quickstart", "evaluate", "serve"}
+
+
+def argv_is_process_argv(argv: list[str], verb: str) -> bool:
+    """Re-exec only when called as the program itself, not from Python code (tests call main([...]))."""
+    return sys.argv[1:] == [verb, *argv]
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = "\n".join(f"  {name:<12}{desc}" for name, (_, _, desc) in VERBS.items())
+    return argparse.ArgumentParser(
+        prog="lmforge", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Pretrain, fine-tune, evaluate, generate and serve language models.",
+        epilog=f"verbs:\n{lines}\n\nRun 'lmforge VERB --help' for a verb's options. Every option can also come "
+               f"from --config FILE.yaml (keys are the option names); the command line overrides the file.",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from lmforge import __version__
+        print(f"lmforge {__version__}")
+        return 0
+    verb = argv.pop(0)
+    if verb in TCMALLOC_VERBS and argv_is_process_argv(argv, verb):
+        _ensure_tcmalloc()
+    if verb not in VERBS:
+        print(f"lmforge: error: unknown verb '{verb}'{closest(verb, VERBS)}; see 'lmforge --help'", file=sys.stderr)
+        return 2
+    prog = f"lmforge {verb}"
+    if verb in SUBVERBS:
+        if not argv or argv[0] not in SUBVERBS[verb]:
+            if argv and argv[0] in ("-h", "--help"):
+                argv.pop(0)
+                argv = ["train", "--help"]
+            else:
+                got = argv[0] if argv else ""
+                print(f"lmforge: error: '{prog}' needs one of: {', '.join(SUBVERBS[verb])}"
+                      f"{closest(got, SUBVERBS[verb]) if got else ''}", file=sys.stderr)
+                return 2
+        prog += " " + argv.pop(0)
+    module_name, cls_name, desc = VERBS[verb]
+    try:
+        module = importlib.import_module(module_name)
+        cls = getattr(module, cls_name)
+        from lmforge import config as C
+
+        parser = argparse.ArgumentParser(prog=prog, description=(module.__doc__ or desc).strip(),
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        C.add_arguments(parser, cls)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            flags = [a for a in parser._option_string_actions if a.startswith("--")]
+            bad = unknown[0]
+            hint = closest(bad.split("=")[0], flags) if bad.startswith("-") else ""
+            raise LmforgeError(f"unknown option '{bad}'{hint}; see '{prog} --help'")
+        base = getattr(module, "base_config", lambda a: {})(args)
+        cfg = C.resolve(cls, args, base)
+        result = module.run(cfg)
+    except LmforgeError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nlmforge: interrupted", file=sys.stderr)
+        return 130
+    return int(result) if isinstance(result, int) else 0
+
+
+def _ensure_tcmalloc() -> None:
+    """Re-exec under tcmalloc when it is installed: large-vocab training steps run 1.2-1.8x faster."""
+    if os.environ.get("LMFORGE_NO_TCMALLOC") or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
+        return
+    for lib in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
+                "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4"):
+        if Path(lib).exists():
+            env = dict(os.environ, LD_PRELOAD=f"{lib}:{os.environ['LD_PRELOAD']}" if os.environ.get("LD_PRELOAD") else lib)
+            os.execve(sys.executable, [sys.executable, "-m", "lmforge", *sys.argv[1:]], env)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""Typed configs: dataclass defaults <- `--config FILE.yaml` <- command-line `--key value`.
+
+Each verb owns one dataclass. Its fields become command-line options (underscores read as dashes), the
+same names are the keys of the YAML file, and the resolved dataclass is written next to the outputs so a
+run can be repeated or resumed from it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmforge.errors import LmforgeError, closest
+
+
+def opt(default: Any = None, help: str = "", **extra) -> Any:
+    """A config field with its help text (and argparse extras such as choices)."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **extra})
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
+
+
+def _base_type(tp) -> tuple[type, bool]:
+    """(element type, is_list) for str/int/float/bool, Optional[...] and list[...] annotations."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if origin is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        f.type = hints[f.name]
+        out[f.name] = f
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One option per dataclass field; defaults are suppressed so we know what the user actually typed."""
+    parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
+                        help="read options from a YAML file; command-line options override it")
+    for name, f in _fields(cls).items():
+        tp, is_list = _base_type(f.type)
+        flag = "--" + name.replace("_", "-")
+        meta = dict(f.metadata)
+        help_text = meta.pop("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if default not in (None, [], "") and tp is not bool:
+            help_text += f" (default: {default})"
+        kwargs: dict[str, Any] = dict(help=help_text, default=argparse.SUPPRESS, dest=name, **meta)
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif is_list:
+            parser.add_argument(flag, nargs="+", type=tp, metavar=name.upper(), **kwargs)
+        else:
+            parser.add_argument(flag, type=tp, metavar=name.upper() if "choices" not in meta else None, **kwargs)
+
+
+def _coerce(value: Any, tp, is_list: bool, where: str):
+    if value is None:
+        return None
+    if is_list:
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(v, tp, False, where) for v in items]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "yes", "1", "on"):
+            return True
+        if str(value).lower() in ("false", "no", "0", "off"):
+            return False
+        raise LmforgeError(f"{where}: expected true or false, got {value!r}")
+    try:
+        return tp(value)
+    except (TypeError, ValueError):
+        raise LmforgeError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise LmforgeError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise LmforgeError(f"{p}:{line} invalid YAML: {getattr(e, 'problem', e)}") from None
+    except UnicodeDecodeError as e:
+        raise LmforgeError(f"{p}: not valid UTF-8 at byte {e.start}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LmforgeError(f"{p}: expected a mapping of option: value at the top level")
+    return data
+
+
+def build(cls, values: dict, source: str = "config"):
+    """Make a `cls` from a dict, rejecting unknown keys with the closest valid name."""
+    fields = _fields(cls)
+    kwargs = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            raise LmforgeError(f"{source}: unknown option '{key}'{closest(name, fields)}")
+        tp, is_list = _base_type(fields[name].type)
+        where = f"{source}: field '{key}'"
+        choices = fields[name].metadata.get("choices")
+        value = _coerce(value, tp, is_list, where)
+        if choices and value is not None and value not in choices:
+            raise LmforgeError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}"
+                               f"{closest(str(value), map(str, choices))}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def resolve(cls, args: argparse.Namespace, base: dict | None = None):
+    """defaults <- base (e.g. a saved config on resume) <- --config file <- command-line options."""
+    values: dict = dict(base or {})
+    cli = vars(args).copy()
+    cli.pop("verb", None)
+    cli.pop("func", None)
+    cfg_file = cli.pop("config", None)
+    if cfg_file:
+        from_file = {str(k).replace("-", "_"): v for k, v in load_yaml(cfg_file).items()}
+        build(cls, from_file, source=str(cfg_file))  # validate names and types against the file itself
+        values.update(from_file)
+    values.update(cli)
+    return build(cls, values, source="options")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save(cfg, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    os.replace(tmp, path)

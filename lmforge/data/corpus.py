@@ -1,0 +1,140 @@
+"""Reading unlabelled text: files, folders and built-in corpora, with errors that say where.
+
+A source is a .txt file (one document), a .jsonl file (one document per line, in a text field), either
+gzip-compressed, a folder of such files (searched recursively, sorted), or the name of a built-in corpus.
+Every byte is decoded as strict UTF-8: a bad byte is reported with its file, line and column.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from lmforge.errors import LmforgeError, closest
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+
+# name -> file inside BUILTIN_DIR; provenance in builtin/PROVENANCE.md
+BUILTIN_CORPORA = {
+    "shakespeare": "shakespeare/shakespeare.txt.gz",
+    "peoples_daily": "peoples_daily/peoples_daily_1998_01.txt.gz",
+}
+TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path
+    kind: str  # "txt" or "jsonl"
+
+
+def _kind(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith((".txt", ".txt.gz", ".text")):
+        return "txt"
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return "jsonl"
+    return None
+
+
+def resolve_sources(specs: list[str]) -> list[Source]:
+    """Expand built-in names, files and folders into a sorted, de-duplicated list of sources."""
+    if not specs:
+        raise LmforgeError("no data given: pass --data with a text file, a folder, or a built-in corpus "
+                           f"({', '.join(BUILTIN_CORPORA)})")
+    out: list[Source] = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if spec in BUILTIN_CORPORA and not path.exists():
+            out.append(Source(BUILTIN_DIR / BUILTIN_CORPORA[spec], "txt"))
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p))
+            if not found:
+                raise LmforgeError(f"{path}: folder has no {', '.join(TEXT_SUFFIXES)} files")
+            out.extend(Source(p, _kind(p)) for p in found)
+        elif path.is_file():
+            kind = _kind(path)
+            if kind is None:
+                raise LmforgeError(f"{path}: unsupported file type (expected {', '.join(TEXT_SUFFIXES)})")
+            out.append(Source(path, kind))
+        else:
+            hint = closest(spec, BUILTIN_CORPORA)
+            raise LmforgeError(f"{spec}: no such file or folder, and not a built-in corpus{hint}")
+    seen, unique = set(), []
+    for s in out:
+        if s.path.resolve() not in seen:
+            seen.add(s.path.resolve())
+            unique.append(s)
+    return unique
+
+
+def read_bytes(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+        if path.name.endswith(".gz"):
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError) as e:
+        raise LmforgeError(f"{path}: cannot read ({e})") from None
+    return raw
+
+
+def decode_utf8(raw: bytes, path: Path) -> str:
+    """Strict UTF-8 decode; a bad byte is reported as file:line:column."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise LmforgeError(f"{path}:{line}:{col}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset "
+                           f"{e.start}); convert the file to UTF-8, e.g. iconv -f GB18030 -t UTF-8") from None
+
+
+def read_text(path: Path) -> str:
+    text = decode_utf8(read_bytes(path), path)
+    if not text.strip():
+        raise LmforgeError(f"{path}: file is empty")
+    return text
+
+
+def iter_jsonl(path: Path, field: str | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; malformed lines raise with their line number."""
+    text = decode_utf8(read_bytes(path), path)
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LmforgeError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise LmforgeError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+        yield n, obj
+
+
+def iter_documents(sources: list[Source], text_field: str = "text") -> Iterator[str]:
+    """Each document's text: a whole .txt file, or the text field of each .jsonl line."""
+    for src in sources:
+        if src.kind == "txt":
+            yield read_text(src.path)
+            continue
+        count = 0
+        for n, obj in iter_jsonl(src.path):
+            if text_field not in obj:
+                raise LmforgeError(f"{src.path}:{n}: no field '{text_field}'{closest(text_field, obj)} "
+                                   f"(fields: {', '.join(obj) or 'none'}); set --text-field")
+            value = obj[text_field]
+            if not isinstance(value, str):
+                raise LmforgeError(f"{src.path}:{n}: field '{text_field}' must be a string, "
+                                   f"got {type(value).__name__}")
+            if value.strip():
+                count += 1
+                yield value
+        if count == 0:
+            raise LmforgeError(f"{src.path}: no non-empty '{text_field}' values (file is empty)")
+
+
+def fingerprint(sources: list[Source]) -> list[list]:
+    """What identifies the input for caching: path, size and modification time of each file."""
+    return [[str(s.path.resolve()), s.path.stat().st_size, s.path.stat().st_mtime_ns] for s in sources]

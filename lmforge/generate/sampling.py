@@ -1,0 +1,104 @@
+"""Token sampling with a KV cache, and streaming detokenisation.
+
+The prompt is run once (prefill) to fill the cache; each later step feeds one token. Sampling applies, in
+order: temperature, top-k, top-p (nucleus). temperature 0 means greedy.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """logits (B, V) with everything outside top-k / the top-p nucleus set to -inf."""
+    if top_k and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens before it already hold top_p of the mass; the first always stays.
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,)."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits / temperature, top_k, top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_ids(model, prompt_ids: list[int], max_new_tokens: int = 128, temperature: float = 0.8,
+                 top_k: int | None = None, top_p: float | None = None, stop_ids: Iterable[int] = (),
+                 seed: int | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time; stops after a stop id (not yielded) or max_new_tokens."""
+    device = next(model.parameters()).device
+    limit = getattr(model, "max_seq_len", None) or 2048
+    max_new_tokens = max(0, min(max_new_tokens, limit - 1))
+    keep = max(1, limit - max_new_tokens)
+    prompt_ids = list(prompt_ids)[-keep:] or [0]  # the context window holds prompt + answer
+    gen = torch.Generator(device=device)
+    if seed is not None:
+        gen.manual_seed(seed)
+    else:
+        gen.seed()
+    stop = set(stop_ids)
+    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+    logits = model(idx, cache)[:, -1]  # (1, V)
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, gen)  # (1,)
+        token = int(nxt.item())
+        if token in stop:
+            return
+        yield token
+        logits = model(nxt.view(1, 1), cache)[:, -1]
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text pieces as soon as they are complete characters.
+
+    Decoding token by token breaks multi-byte characters (Chinese, emoji) split across tokens, and loses
+    spaces some tokenizers attach at decode time; decoding the whole tail and emitting the new suffix
+    avoids both.
+    """
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return ""
+        piece = text[len(self.emitted):]
+        self.emitted = text
+        return piece
+
+
+def stop_token_ids(tokenizer, model=None) -> set[int]:
+    """EOS of the tokenizer and of the model's generation config (ChatML models end turns with <|im_end|>)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+        if tok in tokenizer.get_vocab():
+            ids.add(tokenizer.convert_tokens_to_ids(tok))
+    return ids
+
+
+def generate_text(model, tokenizer, prompt: str, **kwargs) -> str:
+    # encode() adds BOS exactly where the tokenizer is configured to (Llama yes, SmolLM2 and lmforge no).
+    ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_token_id or 0]
+    dec = StreamDecoder(tokenizer)
+    return "".join(dec.push(t) for t in generate_ids(model, ids, stop_ids=stop_token_ids(tokenizer), **kwargs))

@@ -1,0 +1,72 @@
+"""Load any causal LM folder behind one small interface used by training, evaluation and generation:
+
+    logits = model(idx, cache)            idx (B, T) -> (B, T, vocab); cache is optional
+    cache = model.new_cache(batch, max_len)
+    model.save_hf(folder)
+
+Llama-architecture folders (lmforge's own, SmolLM2, Llama, Mistral without sliding window) load into the
+native `LlamaLM` (fused projections, preallocated KV cache: faster on CPU); anything else is wrapped from
+`transformers.AutoModelForCausalLM`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from lmforge.errors import LmforgeError
+from lmforge.model.llama import LlamaLM, config_from_hf
+
+
+class HFCausalLM(nn.Module):
+    """A transformers causal LM with the native model's interface."""
+
+    def __init__(self, hf_model):
+        super().__init__()
+        self.hf = hf_model
+        self.max_seq_len = getattr(hf_model.config, "max_position_embeddings", None) or 2048
+
+    def forward(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
+        out = self.hf(input_ids=idx, past_key_values=cache, use_cache=cache is not None)
+        return out.logits
+
+    def new_cache(self, batch: int, max_len: int, dtype=None):
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    def save_hf(self, folder) -> None:
+        self.hf.save_pretrained(folder, safe_serialization=True)
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.exists():
+        raise LmforgeError(f"{folder}: not a model folder (no config.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LmforgeError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def load_causal_lm(folder: str | Path, native: bool = True, max_seq_len: int | None = None) -> nn.Module:
+    folder = Path(folder)
+    hf = read_config(folder)
+    if not list(folder.glob("*.safetensors")):
+        raise LmforgeError(f"{folder}: no *.safetensors weights (lmforge loads safetensors only, never pickles)")
+    if native:
+        try:
+            config_from_hf(hf)
+            return LlamaLM.from_hf(folder, max_seq_len=max_seq_len)
+        except (ValueError, KeyError):
+            pass  # not a plain Llama: fall through to transformers
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True, dtype=torch.float32)
+    except Exception as e:
+        raise LmforgeError(f"{folder}: cannot load as a causal LM ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    return HFCausalLM(model)

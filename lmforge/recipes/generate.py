@@ -1,0 +1,67 @@
+"""Stream text from a causal LM, token by token, with a KV cache.
+
+    lmforge generate --model runs/shakespeare/final --prompt "ROMEO:" --max-new-tokens 200
+    lmforge generate --model smollm2-135m --prompt "What is the capital of France?" --chat
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+from lmforge.config import opt
+from lmforge.errors import LmforgeError
+
+
+@dataclass
+class GenerateConfig:
+    model: str = opt("", "model folder, lmforge output folder, alias (smollm2-135m) or hub id")
+    prompt: str = opt("", "text to continue")
+    chat: bool = opt(False, "wrap the prompt as a user message with the model's chat template")
+    max_new_tokens: int = opt(128, "tokens to generate at most")
+    temperature: float = opt(0.8, "sampling temperature (0: greedy)")
+    top_k: int = opt(50, "sample from the k most likely tokens (0: off)")
+    top_p: float = opt(1.0, "nucleus sampling: smallest set with this much probability (1: off)")
+    seed: int | None = opt(None, "random seed for reproducible samples")
+    stats: bool = opt(False, "print tokens/s to stderr at the end")
+
+
+def run(cfg: GenerateConfig) -> int:
+    import torch
+
+    from lmforge.generate.sampling import StreamDecoder, generate_ids, stop_token_ids
+    from lmforge.model.causal import load_causal_lm
+    from lmforge.model.hub import resolve_model
+    from lmforge.tokenizer.bpe import load_tokenizer
+
+    if not cfg.model:
+        raise LmforgeError("--model is required")
+    if cfg.max_new_tokens < 1:
+        raise LmforgeError("--max-new-tokens must be at least 1")
+    torch.set_grad_enabled(False)
+    path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path).eval()
+    prompt = cfg.prompt
+    if cfg.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise LmforgeError(f"{path}: the tokenizer has no chat template; drop --chat")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+    else:
+        ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_token_id or 0]
+        sys.stdout.write(prompt)
+    dec = StreamDecoder(tokenizer)
+    t, n = time.time(), 0
+    for token in generate_ids(model, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
+                              cfg.top_p if cfg.top_p < 1 else None, stop_token_ids(tokenizer), cfg.seed):
+        n += 1
+        sys.stdout.write(dec.push(token))
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if cfg.stats:
+        dt = time.time() - t
+        print(f"[{n} tokens in {dt:.2f} s: {n / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    return 0

@@ -1,0 +1,401 @@
+"""Stage 1: pretrain a Llama-style LM from scratch (or continue an existing one) on unlabelled text.
+
+    lmforge pretrain --data shakespeare --out runs/shakespeare --size small --max-minutes 10
+
+Pipeline: sources -> tokenizer (trained unless given) -> cached token shards -> model -> training loop
+-> checkpoints (HF format + lmforge_state/) -> DIR/final.
+The batch for step s is drawn from an RNG seeded by (seed, s, micro-step, rank), so the data position is
+just the step number: a resumed run sees exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from lmforge import config as C
+from lmforge.config import opt
+from lmforge.errors import LmforgeError, closest
+
+
+@dataclass
+class PretrainConfig:
+    data: list[str] = opt([], "text files, folders of .txt/.jsonl, or built-in corpora (shakespeare, peoples_daily)")
+    out: str = opt("", "output folder (checkpoints, final model, metrics)")
+    text_field: str = opt("text", "JSON field holding the text in .jsonl files")
+    tokenizer: str | None = opt(None, "reuse this tokenizer folder instead of training one")
+    vocab_size: int = opt(8192, "vocabulary size when training a tokenizer")
+    size: str = opt("small", "model preset", choices=["tiny", "small", "base"])
+    n_layer: int = opt(0, "override the preset's layer count")
+    n_head: int = opt(0, "override the preset's attention heads")
+    n_embd: int = opt(0, "override the preset's width")
+    context: int = opt(0, "override the preset's context length (tokens)")
+    init_from: str | None = opt(None, "continue training this causal LM (folder, hub id, or smollm2-135m)")
+    max_steps: int = opt(0, "optimizer steps to train (0: 1000, or as many as --max-minutes allows)")
+    max_minutes: float = opt(0.0, "train for about this long; sets the step count from measured speed")
+    batch_size: int = opt(16, "sequences per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    lr: float = opt(0.0, "peak learning rate (0: 2e-3 from scratch, 1e-4 with --init-from)")
+    min_lr_ratio: float = opt(0.1, "final LR as a fraction of the peak (cosine decay)")
+    warmup_steps: int = opt(-1, "linear warmup steps (-1: 5% of the run, at most 200)")
+    weight_decay: float = opt(0.1, "AdamW weight decay on weight matrices")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0: off)")
+    precision: str = opt("auto", "numeric precision (auto: bf16 where the hardware runs it faster)",
+                         choices=["auto", "bf16", "fp16", "fp32"])
+    device: str = opt("auto", "cpu, cuda, mps or auto")
+    compile: bool = opt(False, "torch.compile the model (costs ~15 s up front, pays off on long runs)")
+    val_fraction: float = opt(0.05, "fraction of tokens held out for validation (the tail of the corpus)")
+    eval_interval: int = opt(0, "evaluate every N steps (0: 10 times per run)")
+    eval_tokens: int = opt(65536, "validation tokens scored at each evaluation (0: all)")
+    sample_tokens: int = opt(48, "tokens of sample text generated at each evaluation (0: none)")
+    save_interval: int = opt(0, "checkpoint every N steps (0: at each evaluation)")
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
+    log_interval: int = opt(10, "log training loss every N steps")
+    seed: int = opt(1337, "random seed for initialisation and data order")
+    resume: bool = opt(False, "continue from the latest checkpoint in --out")
+    stop_after_steps: int = opt(0, "stop (with a checkpoint) after this many steps of this invocation")
+    progress: bool = opt(True, "show a progress bar")
+
+
+def model_config(cfg: PretrainConfig, vocab_size: int, tokenizer):
+    from lmforge.model.llama import PRESETS, ModelConfig
+
+    if cfg.size not in PRESETS:
+        raise LmforgeError(f"unknown preset '{cfg.size}'{closest(cfg.size, PRESETS)} (presets: {', '.join(PRESETS)})")
+    p = dict(PRESETS[cfg.size])
+    for key, field in (("n_layer", "n_layer"), ("n_head", "n_head"), ("n_embd", "n_embd"), ("max_seq_len", "context")):
+        if getattr(cfg, field):
+            p[key] = getattr(cfg, field)
+    if cfg.n_head:
+        p["n_kv_head"] = cfg.n_head
+    if p["n_embd"] % p["n_head"] or (p["n_embd"] // p["n_head"]) % 2:
+        raise LmforgeError(f"--n-embd {p['n_embd']} must split into {p['n_head']} heads of even width")
+    return ModelConfig(vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, **p)
+
+
+def prepare_tokenizer(cfg: PretrainConfig, out: Path, sources):
+    from lmforge.data.corpus import iter_documents
+    from lmforge.tokenizer.bpe import load_tokenizer, train_bpe
+
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    if (out / "tokenizer" / "tokenizer.json").exists():  # trained by an earlier (or interrupted) run
+        return load_tokenizer(out / "tokenizer")
+    print(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) ...", flush=True)
+    return train_bpe(iter_documents(sources, cfg.text_field), cfg.vocab_size, out / "tokenizer")
+
+
+def get_batch(data: np.ndarray, batch: int, context: int, seed: int, step: int, micro: int, rank: int):
+    """Random windows: x (B, T) and y (B, T) = x shifted by one; reproducible from (seed, step, micro, rank)."""
+    rng = np.random.default_rng([seed, step, micro, rank])
+    starts = rng.integers(0, len(data) - context - 1, size=batch)
+    w = np.stack([np.asarray(data[s:s + context + 1], dtype=np.int64) for s in starts])  # (B, T+1)
+    w = torch.from_numpy(w)
+    return w[:, :-1], w[:, 1:]
+
+
+def run(cfg: PretrainConfig) -> dict:
+    from lmforge.data.corpus import resolve_sources
+    from lmforge.data.shards import tokenize_corpus
+    from lmforge.evaluate.lm import evaluate_tokens
+    from lmforge.generate.sampling import generate_text
+    from lmforge.model.causal import load_causal_lm
+    from lmforge.model.hub import resolve_model
+    from lmforge.model.llama import LlamaLM
+    from lmforge.tokenizer.bpe import load_tokenizer, token_byte_lengths
+    from lmforge.train import checkpoint as ckpt
+    from lmforge.train.common import (MetricsLog, autocast, build_optimizer, format_duration, resolve_precision,
+                                      setup_runtime, warmup_cosine)
+
+    if not cfg.out:
+        raise LmforgeError("--out is required (the folder for checkpoints and the final model)")
+    out = Path(cfg.out)
+    rt = setup_runtime(cfg.device)
+    precision = resolve_precision(cfg.precision, rt.device)
+    torch.manual_seed(cfg.seed + rt.rank)
+
+    resume_from = ckpt.latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        raise LmforgeError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+
+    # ---- data and tokenizer -------------------------------------------------------------------------------
+    sources = resolve_sources(cfg.data)
+    init_path = resolve_model(cfg.init_from) if cfg.init_from else None
+    if resume_from is not None:
+        tokenizer = load_tokenizer(resume_from)
+    elif init_path is not None:
+        tokenizer = load_tokenizer(init_path)
+    else:
+        tokenizer = prepare_tokenizer(cfg, out, sources)
+    if tokenizer.eos_token_id is None:
+        raise LmforgeError("the tokenizer has no EOS token: documents could not be separated")
+    data = tokenize_corpus(sources, tokenizer, text_field=cfg.text_field, val_fraction=cfg.val_fraction,
+                           show_progress=cfg.progress and rt.is_main)
+    token_bytes = token_byte_lengths(tokenizer)
+    bytes_per_token = None
+    if token_bytes is None:
+        sample = np.asarray(data.val[:20000])
+        bytes_per_token = len(tokenizer.decode(sample.tolist()).encode("utf-8")) / max(1, len(sample))
+
+    # ---- model ---------------------------------------------------------------------------------------------
+    if resume_from is not None:
+        model = load_causal_lm(resume_from)
+    elif init_path is not None:
+        model = load_causal_lm(init_path, max_seq_len=cfg.context or None)
+    else:
+        model = LlamaLM(model_config(cfg, len(tokenizer), tokenizer))
+    context = cfg.context or (model.cfg.max_seq_len if isinstance(model, LlamaLM) else min(1024, model.max_seq_len))
+    context = min(context, model.max_seq_len)
+    for name, split in (("training", data.train), ("validation", data.val)):
+        if len(split) < context + 2:
+            raise LmforgeError(f"corpus too small: the {name} split has {len(split)} tokens, fewer than the "
+                               f"context length {context} + 2; add text or lower --context")
+    model.to(rt.device)
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    if isinstance(model, LlamaLM):
+        flops_per_token = model.cfg.flops_per_token(context)
+    else:
+        flops_per_token = 6 * n_params
+
+    lr = cfg.lr or (1e-4 if init_path else 2e-3)
+    optimizer = build_optimizer(model, lr, cfg.weight_decay, device=rt.device)
+    train_model = model
+    if rt.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * context * rt.world_size
+
+    def micro_loss(x, y):
+        with autocast(precision, rt.device):
+            logits = train_model(x)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+    def train_step(step: int) -> float:
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = get_batch(data.train, cfg.batch_size, context, cfg.seed, step, micro, rt.rank)
+            x, y = x.to(rt.device), y.to(rt.device)
+            loss = micro_loss(x, y) / cfg.grad_accum
+            loss.backward()
+            total += loss.item()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total
+
+    # ---- the step budget -------------------------------------------------------------------------------------
+    start_step, max_steps = 0, cfg.max_steps
+    saved: dict = {}
+    if resume_from is not None:
+        saved = ckpt.load_trainer_state(resume_from)
+        start_step = saved["step"]
+        max_steps = saved["max_steps"]
+    elif not max_steps and cfg.max_minutes > 0:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)  # constant LR for the probe
+        per_step = measure_step_seconds(train_step, model, optimizer)
+        # ~8% of the budget goes to evaluations and checkpoints.
+        max_steps = max(10, int(cfg.max_minutes * 60 * 0.92 / per_step))
+        print(f"measured {per_step:.3f} s/step: {cfg.max_minutes:g} minutes is about {max_steps} steps", flush=True)
+    elif not max_steps:
+        max_steps = 1000
+    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else min(200, max(1, max_steps // 20))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, max_steps, cfg.min_lr_ratio))
+    if resume_from is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        ckpt.set_rng_state(saved["rng"])
+    eval_interval = cfg.eval_interval or max(1, math.ceil(max_steps / 10))
+    save_interval = cfg.save_interval or eval_interval
+    resolved = dict(C.to_dict(cfg), max_steps=max_steps, lr=lr, warmup_steps=warmup, context=context,
+                    precision=precision)
+    config_yaml = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
+
+    log = MetricsLog(out, enabled=rt.is_main)
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        if resume_from is not None:
+            log.truncate_after(start_step)
+        elif log.path.exists():
+            log.path.unlink()  # a fresh run in an old folder: start the log over
+    print(f"model: {n_params / 1e6:.2f}M parameters | context {context} | {tokens_per_step:,} tokens/step | "
+          f"{max_steps} steps | precision {precision} | device {rt.device}"
+          + (f" | world {rt.world_size}" if rt.distributed else ""), flush=True)
+    print(f"data: {data.meta['train_tokens']:,} training / {data.meta['val_tokens']:,} validation tokens "
+          f"(cache {data.path})", flush=True)
+    if resume_from is not None:
+        print(f"resuming from {resume_from} at step {start_step}", flush=True)
+
+    val_tokens = data.val
+    sample_prompt_ids = np.asarray(data.val[:8]).tolist()
+
+    def evaluate(step: int) -> dict:
+        res = evaluate_tokens(model, val_tokens, context, token_bytes, bytes_per_token, batch_size=cfg.batch_size,
+                              max_tokens=cfg.eval_tokens or None, precision=precision, device=rt.device)
+        row = {"step": step, "val_loss": res["loss"], "val_ppl": res["perplexity"], "val_bpb": res["bits_per_byte"]}
+        msg = (f"step {step}: val loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | "
+               f"bits/byte {res['bits_per_byte']:.4f}")
+        if cfg.sample_tokens and rt.is_main:
+            prompt = tokenizer.decode(sample_prompt_ids)
+            text = generate_text(model, tokenizer, prompt, max_new_tokens=cfg.sample_tokens, temperature=0.8,
+                                 top_k=50, seed=cfg.seed)
+            row["sample"] = prompt + text
+            msg += "\n  sample: " + (prompt + text).replace("\n", " / ")[:400]
+        if rt.is_main:
+            print(msg, flush=True)
+            log.log(**row)
+        return row
+
+    def save(step: int) -> Path | None:
+        if not rt.is_main:
+            return None
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
+                 "step": step, "max_steps": max_steps, "data_position": {"step": step, "seed": cfg.seed}}
+        def write(folder: Path):
+            model.save_hf(folder)
+            tokenizer.save_pretrained(folder)
+        return ckpt.save_checkpoint(out, step, write, state, config_yaml, keep=cfg.keep_checkpoints)
+
+    # Ctrl-C or SIGTERM (a preempted job) finishes the current step, saves, and exits cleanly.
+    stop_requested = {"flag": False}
+    def request_stop(signum, frame):
+        if stop_requested["flag"]:
+            raise KeyboardInterrupt
+        stop_requested["flag"] = True
+        print("\nstopping after this step (a checkpoint will be saved; press again to abort)", flush=True)
+    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    first_eval = None
+    if start_step == 0:
+        first_eval = evaluate(0)
+    else:
+        # Recover the step-0 numbers for the summary from the log of the interrupted run.
+        first_eval = next((r for r in log.rows() if r.get("step") == 0 and "val_loss" in r), None)
+
+    from tqdm import tqdm
+    bar = tqdm(total=max_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True,
+               disable=not (cfg.progress and rt.is_main))
+    model.train()
+    t_start = time.time()
+    window_t, window_tokens = time.time(), 0
+    step = start_step
+    last_eval, stopped_early = None, False
+    try:
+        while step < max_steps:
+            loss = train_step(step)
+            step += 1
+            window_tokens += tokens_per_step
+            if not math.isfinite(loss):
+                raise LmforgeError(f"loss became {loss} at step {step}: lower --lr or use --precision fp32")
+            if step % cfg.log_interval == 0 or step == max_steps:
+                dt = time.time() - window_t
+                tps = window_tokens / max(dt, 1e-9)
+                mfu_flops = tps * flops_per_token
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+                log.log(step=step, loss=loss, lr=scheduler.get_last_lr()[0], tokens_per_s=tps,
+                        gflops=mfu_flops / 1e9, elapsed_s=time.time() - t_start)
+                window_t, window_tokens = time.time(), 0
+            bar.update(1)
+            if step % eval_interval == 0 or step == max_steps:
+                bar.clear()
+                last_eval = evaluate(step)
+                window_t = time.time()  # evaluation time is not training throughput
+            if step % save_interval == 0 and step < max_steps:
+                save(step)
+            ran = step - start_step
+            if stop_requested["flag"] or (cfg.stop_after_steps and ran >= cfg.stop_after_steps and step < max_steps):
+                stopped_early = True
+                break
+            if cfg.max_minutes and not cfg.max_steps and (time.time() - t_start) > cfg.max_minutes * 60 * 1.05:
+                print("time budget reached", flush=True)
+                break
+    finally:
+        bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+    train_seconds = time.time() - t_start
+    if stopped_early:
+        path = save(step)
+        print(f"stopped at step {step}; checkpoint {path}. Continue with: lmforge pretrain --out {out} --resume",
+              flush=True)
+        return {"stopped_at": step, "checkpoint": str(path)}
+
+    if last_eval is None or last_eval["step"] != step:
+        last_eval = evaluate(step)
+    summary = {}
+    if rt.is_main:
+        final = out / "final"
+        def write_final(folder: Path):
+            model.save_hf(folder)
+            tokenizer.save_pretrained(folder)
+            (folder / "lmforge_config.yaml").write_text(config_yaml, encoding="utf-8")
+        ckpt.write_folder_atomic(final, write_final)
+        rows = [r for r in log.rows() if "tokens_per_s" in r]
+        tps = [r["tokens_per_s"] for r in rows[1:]] or [r["tokens_per_s"] for r in rows]
+        summary = {
+            "steps": step, "parameters": n_params, "context": context, "tokens_per_step": tokens_per_step,
+            "tokens_seen": step * tokens_per_step, "precision": precision,
+            "train_seconds_this_invocation": round(train_seconds, 1),
+            "median_tokens_per_s": float(np.median(tps)) if tps else None,
+            "final_train_loss": next((r["loss"] for r in reversed(rows)), None),
+            "val_loss": last_eval["val_loss"], "val_perplexity": last_eval["val_ppl"],
+            "val_bits_per_byte": last_eval["val_bpb"],
+            "initial_val_loss": first_eval["val_loss"] if first_eval else None,
+            "initial_val_perplexity": first_eval["val_ppl"] if first_eval else None,
+            "initial_val_bits_per_byte": first_eval["val_bpb"] if first_eval else None,
+            "sample": last_eval.get("sample"), "final_model": str(final),
+        }
+        log.summary(summary)
+        plot = log.plot()
+        print(f"done in {format_duration(train_seconds)}: val bits/byte {summary['val_bits_per_byte']:.4f}, "
+              f"perplexity {summary['val_perplexity']:.2f}"
+              + (f" (before: {summary['initial_val_perplexity']:.2f})" if init_path and first_eval else ""), flush=True)
+        print(f"model: {final}\nmetrics: {out / 'metrics.json'}" + (f"\nloss curve: {plot}" if plot else ""), flush=True)
+    return summary
+
+
+def measure_step_seconds(train_step, model, optimizer, n_steps: int = 6) -> float:
+    """Seconds per optimizer step, timed on the real model and data, then the state is put back.
+
+    The run's step count must be fixed before training so the cosine schedule (and an exact resume) is
+    defined; --max-minutes turns into steps through this measurement.
+    """
+    import copy
+
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(optimizer.state_dict())
+    saved_rng = torch.get_rng_state()
+    train_step(0)  # warm-up: allocator, kernels, lazy optimizer state
+    t = time.time()
+    for i in range(n_steps):
+        train_step(1 + i)
+    seconds = (time.time() - t) / n_steps
+    model.load_state_dict(saved_model)
+    optimizer.load_state_dict(saved_opt)
+    torch.set_rng_state(saved_rng)
+    return seconds
+
+
+def base_config(args) -> dict:
+    """With --resume, the run's saved config is the base, so `--out DIR --resume` alone is enough."""
+    if not getattr(args, "resume", False) or not getattr(args, "out", None):
+        return {}
+    path = Path(args.out) / "config.yaml"
+    if not path.exists():
+        return {}
+    saved = C.load_yaml(path)
+    for key in ("resume", "stop_after_steps"):
+        saved.pop(key, None)
+    return saved

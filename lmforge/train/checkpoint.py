@@ -1,0 +1,103 @@
+"""Checkpoints: a Hugging Face folder plus `lmforge_state/` with everything needed to resume exactly.
+
+    DIR/checkpoints/step-000500/
+        config.json, model.safetensors, tokenizer files     <- plain `from_pretrained` loads this
+        lmforge_state/trainer.pt                            <- optimizer, scheduler, RNG, step, data position
+        lmforge_state/config.yaml                           <- the resolved run config
+    DIR/checkpoints/latest                                  <- name of the newest complete checkpoint
+
+Each checkpoint is written into a temp folder and renamed into place, and `latest` is replaced atomically
+after that, so a crash mid-save leaves the previous checkpoint as the one `--resume` picks.
+State is saved with `torch.save` and read back with `torch.load(weights_only=True)`: no arbitrary unpickling.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lmforge.errors import LmforgeError
+
+STATE_DIR = "lmforge_state"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_folder_atomic(dest: str | Path, write: Callable[[Path], None]) -> Path:
+    """Fill a temp folder beside `dest` with `write(tmp)`, then swap it into place."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dest.exists():
+        old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+    return dest
+
+
+def save_checkpoint(out_dir: str | Path, step: int, write_model: Callable[[Path], None], trainer_state: dict,
+                    config_yaml: str, keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically; `write_model(folder)` writes the HF files. Returns its folder."""
+    root = Path(out_dir) / "checkpoints"
+    name = f"step-{step:06d}"
+
+    def write(folder: Path):
+        write_model(folder)
+        (folder / STATE_DIR).mkdir()
+        torch.save(trainer_state, folder / STATE_DIR / "trainer.pt")
+        (folder / STATE_DIR / "config.yaml").write_text(config_yaml, encoding="utf-8")
+
+    final = write_folder_atomic(root / name, write)
+    latest_tmp = root / ".latest.tmp"
+    latest_tmp.write_text(name)
+    os.replace(latest_tmp, root / "latest")
+    # Oldest first; never delete the one just written.
+    done = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in done[:-keep] if keep > 0 else []:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    root = Path(out_dir) / "checkpoints"
+    marker = root / "latest"
+    if marker.exists():
+        path = root / marker.read_text().strip()
+        if (path / STATE_DIR / "trainer.pt").exists():
+            return path
+    done = sorted(p for p in root.glob("step-*") if (p / STATE_DIR / "trainer.pt").exists())
+    return done[-1] if done else None
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    path = ckpt / STATE_DIR / "trainer.pt"
+    if not path.exists():
+        raise LmforgeError(f"{ckpt}: not an lmforge checkpoint (no {STATE_DIR}/trainer.pt)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise LmforgeError(f"{path}: unreadable trainer state ({type(e).__name__}: {e})") from None

@@ -1,0 +1,188 @@
+"""Pieces every training recipe shares: device and precision, distributed setup, optimizer, LR schedule,
+metrics log and loss-curve plot. The loop itself lives in each recipe, where it can be read top to bottom.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import LmforgeError
+
+
+# ---- processes and devices ------------------------------------------------------------------------------
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_runtime(device: str = "auto") -> Runtime:
+    """One process, or one of `torchrun`'s: RANK/WORLD_SIZE/LOCAL_RANK come from its environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise LmforgeError("--device cuda: no CUDA GPU is visible")
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Runtime(dev, rank, world, local)
+
+
+def cpu_supports_bf16() -> bool:
+    """bf16 autocast pays off on CPUs with native bf16 dot products (AVX512-BF16 / AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and \
+            torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            raise LmforgeError("--precision fp16 is for GPUs; use bf16 or fp32 on a CPU")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu":
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    return "fp32"
+
+
+def autocast(precision: str, device: torch.device):
+    """Mixed precision: matmuls in bf16/fp16, master weights and optimizer state stay fp32."""
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+# ---- optimisation ---------------------------------------------------------------------------------------
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95),
+                    device: torch.device | None = None) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only (not norms, biases); fused kernel where the device has one."""
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:  # tied weights appear twice
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    try:  # fused AdamW is ~5x faster per step on CPU than the for-each default
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.1):
+    """LR multiplier: linear warmup to 1, then cosine down to `min_ratio` at `total` steps."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+# ---- metrics --------------------------------------------------------------------------------------------
+
+class MetricsLog:
+    """Appends one JSON object per line to DIR/metrics.jsonl; `summary` writes DIR/metrics.json."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True):
+        self.dir = Path(out_dir)
+        self.enabled = enabled
+        self.path = self.dir / "metrics.jsonl"
+
+    def log(self, **row) -> None:
+        if not self.enabled:
+            return
+        row = {"time": round(time.time(), 3), **row}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop rows logged after the checkpoint so the log reads as one clean run."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [r for r in self.rows() if r.get("step", 0) <= step]
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+
+    def summary(self, data: dict) -> None:
+        if self.enabled:
+            write_atomic(self.dir / "metrics.json", json.dumps(data, indent=2) + "\n")
+
+    def plot(self, name: str = "loss.png") -> Path | None:
+        """Training and validation loss against step, for people who would rather look than read."""
+        if not self.enabled:
+            return None
+        rows = self.rows()
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        if not train and not val:
+            return None
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        if train:
+            ax.plot(*zip(*train), label="train loss", lw=1)
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation loss", lw=1.5)
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        out = self.dir / name
+        tmp = out.with_name(".tmp-" + name)
+        fig.savefig(tmp, format="png")
+        plt.close(fig)
+        os.replace(tmp, out)
+        return out
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
