@@ -17,8 +17,12 @@ VERBS: dict[str, tuple[str, str, str]] = {
                   "tokenizer train: train a byte-level BPE tokenizer on your text"),
     "pretrain": ("lmforge.recipes.pretrain", "PretrainConfig",
                  "stage 1: pretrain a language model from scratch, or continue one on domain text"),
+    "finetune": ("lmforge.recipes.finetune", "FinetuneConfig",
+                 "stage 2: fine-tune a pretrained model for classify, qa, sft or translate (full or --lora)"),
     "evaluate": ("lmforge.recipes.evaluate", "EvaluateConfig",
                  "score a model on data and print metrics as JSON (--task lm: loss, perplexity, bits/byte)"),
+    "predict": ("lmforge.recipes.predict", "PredictConfig",
+                "run a fine-tuned model on new inputs: labels, answers, translations or replies (JSON lines)"),
     "generate": ("lmforge.recipes.generate", "GenerateConfig", "stream text from a causal LM"),
     "models": ("lmforge.recipes.models", "ModelsConfig", "list the packaged model aliases and where they resolve"),
 }
@@ -71,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         prog += " " + argv.pop(0)
     module_name, cls_name, desc = VERBS[verb]
+    # transformers' load reports and save progress bars drown our own progress; errors still show.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also silences "Loading weights" bars
     try:
         module = importlib.import_module(module_name)
         cls = getattr(module, cls_name)

@@ -58,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if default not in (None, [], "") and tp is not bool:
             help_text += f" (default: {default})"
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help ("5% of the run" crashed --help)
         kwargs: dict[str, Any] = dict(help=help_text, default=argparse.SUPPRESS, dest=name, **meta)
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)

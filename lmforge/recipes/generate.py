@@ -29,6 +29,13 @@ class GenerateConfig:
 def run(cfg: GenerateConfig) -> int:
     import torch
 
+    # Scoped, not torch.set_grad_enabled(False): run() is also called in-process (tests, quickstart),
+    # where a global switch would leak and break any later training in the same process.
+    with torch.no_grad():
+        return _run(cfg)
+
+
+def _run(cfg: GenerateConfig) -> int:
     from lmforge.generate.sampling import StreamDecoder, generate_ids, stop_token_ids
     from lmforge.model.causal import load_causal_lm
     from lmforge.model.hub import resolve_model
@@ -38,7 +45,6 @@ def run(cfg: GenerateConfig) -> int:
         raise LmforgeError("--model is required")
     if cfg.max_new_tokens < 1:
         raise LmforgeError("--max-new-tokens must be at least 1")
-    torch.set_grad_enabled(False)
     path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(path).eval()

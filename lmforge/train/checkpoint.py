@@ -59,14 +59,16 @@ def write_folder_atomic(dest: str | Path, write: Callable[[Path], None]) -> Path
 
 
 def save_checkpoint(out_dir: str | Path, step: int, write_model: Callable[[Path], None], trainer_state: dict,
-                    config_yaml: str, keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically; `write_model(folder)` writes the HF files. Returns its folder."""
+                    config_yaml: str, keep: int = 2, protect: tuple[str, ...] = ()) -> Path:
+    """Write checkpoint `step` atomically; `write_model(folder)` writes the HF files. Returns its folder.
+
+    The newest `keep` checkpoints survive, plus any named in `protect` (e.g. the best one so far)."""
     root = Path(out_dir) / "checkpoints"
     name = f"step-{step:06d}"
 
     def write(folder: Path):
         write_model(folder)
-        (folder / STATE_DIR).mkdir()
+        (folder / STATE_DIR).mkdir(exist_ok=True)
         torch.save(trainer_state, folder / STATE_DIR / "trainer.pt")
         (folder / STATE_DIR / "config.yaml").write_text(config_yaml, encoding="utf-8")
 
@@ -77,7 +79,7 @@ def save_checkpoint(out_dir: str | Path, step: int, write_model: Callable[[Path]
     # Oldest first; never delete the one just written.
     done = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in done[:-keep] if keep > 0 else []:
-        if old != final:
+        if old != final and old.name not in protect:
             shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -1,0 +1,773 @@
+"""Reading labelled data for fine-tuning (classify, qa, sft, translate), with errors that say where.
+
+A data spec is a file (.jsonl, .json, .csv, .tsv, the first four optionally .gz, or .parquet) or a built-in
+set, optionally with a split ("rotten_tomatoes:test"). Each task's fields are guessed from common names
+and can be named explicitly; every record is normalised to one shape per task:
+
+    classify   {"text": str, "text_pair": str | None, "label": str | int | float}
+    qa         {"id": str, "question": str, "context": str, "answers": {"text": [...], "answer_start": [...]}}
+    sft        {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}
+    translate  {"source": str, "target": str}
+
+Every problem is one line naming the file, the line (or Parquet row) and the field; with skip_bad_rows a
+problem confined to one record is collected in Loaded.skipped instead.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from json.decoder import scanstring
+from pathlib import Path
+from typing import Any, Iterator
+
+from lmforge.data.corpus import BUILTIN_DIR, decode_utf8, read_bytes
+from lmforge.errors import LmforgeError, closest
+
+BUILTIN_SETS = {"rotten_tomatoes": "classify", "chinese_reviews": "classify", "bible_en_es": "translate",
+                "lmforge_qa": "qa"}
+SPLITS = ("train", "validation", "test")
+_SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation", "eval": "validation"}
+TASKS = ("classify", "qa", "sft", "translate")
+SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+
+
+@dataclass
+class Loaded:
+    rows: list[dict]
+    source: str  # path or built-in name, for messages
+    line_numbers: list[int]  # 1-based line (Parquet: row) of each kept record in its file
+    skipped: list[str] = field(default_factory=list)  # "file:line: reason" per skipped record
+    fields: dict[str, str] = field(default_factory=dict)  # role -> input field used, e.g. {"text": "sentence"}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+def resolve_data(spec: str, split: str = "train") -> tuple[Path, str]:
+    """A file path, or a built-in name with an optional ':split'; returns (path, name for messages)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path, spec
+    if path.is_dir():
+        raise LmforgeError(f"{spec}: is a folder; pass a data file ({', '.join(SUFFIXES)})")
+    name, _, part = spec.partition(":")
+    if name not in BUILTIN_SETS:
+        raise LmforgeError(f"{spec}: no such file, and not a built-in data set{closest(name, BUILTIN_SETS)} "
+                           f"(built-in: {', '.join(BUILTIN_SETS)})")
+    part = part or split
+    part = _SPLIT_ALIASES.get(part, part)
+    if part not in SPLITS:
+        raise LmforgeError(f"{spec}: unknown split '{part}'{closest(part, SPLITS)} (splits: {', '.join(SPLITS)})")
+    file = BUILTIN_DIR / name / f"{part}.jsonl.gz"
+    if not file.is_file():
+        raise LmforgeError(f"{name}:{part}: built-in data set has no {part} split (missing {file})")
+    return file, f"{name}:{part}"
+
+
+def _format(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+        if name.endswith(".parquet"):
+            raise LmforgeError(f"{path}: Parquet files are compressed already; pass the .parquet file itself")
+    for suffix in SUFFIXES:
+        if name.endswith(suffix):
+            return suffix[1:]
+    raise LmforgeError(f"{path}: unsupported file type (expected {', '.join(SUFFIXES)}, optionally .gz "
+                       "except .parquet)")
+
+
+class _Bad(Exception):
+    """A problem confined to one record: skippable with skip_bad_rows."""
+
+
+@dataclass
+class _Record:
+    line: int
+    loc: str  # "file:line" (plus the JSON path for SQuAD-nested records), the prefix of every message
+    obj: dict | None
+    error: str | None = None  # why the record could not even be parsed
+    text_cells: bool = False  # CSV/TSV: every value is a string, so numbers arrive as text
+
+
+def _read_text(path: Path) -> str:
+    text = decode_utf8(read_bytes(path), path)
+    # spreadsheet exports often start with a byte-order mark, which would otherwise stick to the first header
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _iter_jsonl(path: Path, src: str) -> Iterator[_Record]:
+    # split on \n only: str.splitlines() also breaks at U+2028 and friends, which JSON strings may contain
+    for n, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        loc = f"{src}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield _Record(n, loc, None, f"invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(obj, dict):
+            yield _Record(n, loc, None, f"expected a JSON object, got {_type(obj)}")
+            continue
+        yield _Record(n, loc, obj)
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+class _LineJson:
+    """json.loads that also remembers the line where each object starts (by id), so records nested inside a
+    .json file can be reported by line like JSONL records."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.lines: dict[int, int] = {}
+        self._decoder = json.JSONDecoder()
+        self._pos, self._line = 0, 1
+
+    def _line_at(self, pos: int) -> int:
+        # objects are met in file order, so counting newlines incrementally keeps this linear
+        self._line += self.text.count("\n", self._pos, pos)
+        self._pos = pos
+        return self._line
+
+    def parse(self) -> Any:
+        value, end = self._value(0)
+        end = _WS.match(self.text, end).end()
+        if end != len(self.text):
+            raise json.JSONDecodeError("Extra data", self.text, end)
+        return value
+
+    def _value(self, pos: int) -> tuple[Any, int]:
+        text, ws = self.text, _WS.match
+        pos = ws(text, pos).end()
+        ch = text[pos:pos + 1]
+        if ch == "{":
+            obj: dict = {}
+            self.lines[id(obj)] = self._line_at(pos)
+            pos = ws(text, pos + 1).end()
+            if text[pos:pos + 1] == "}":
+                return obj, pos + 1
+            while True:
+                if text[pos:pos + 1] != '"':
+                    raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, pos)
+                key, pos = scanstring(text, pos + 1)
+                pos = ws(text, pos).end()
+                if text[pos:pos + 1] != ":":
+                    raise json.JSONDecodeError("Expecting ':' delimiter", text, pos)
+                obj[key], pos = self._value(pos + 1)
+                pos = ws(text, pos).end()
+                ch = text[pos:pos + 1]
+                if ch == "}":
+                    return obj, pos + 1
+                if ch != ",":
+                    raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+                pos = ws(text, pos + 1).end()
+        if ch == "[":
+            arr: list = []
+            pos = ws(text, pos + 1).end()
+            if text[pos:pos + 1] == "]":
+                return arr, pos + 1
+            while True:
+                item, pos = self._value(pos)
+                arr.append(item)
+                pos = ws(text, pos).end()
+                ch = text[pos:pos + 1]
+                if ch == "]":
+                    return arr, pos + 1
+                if ch != ",":
+                    raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+                pos += 1
+        return self._decoder.raw_decode(text, pos)
+
+
+def _iter_json(path: Path, src: str) -> Iterator[_Record]:
+    """A JSON list of objects, {"data": [...]} around one, or SQuAD's nested data[].paragraphs[].qas[]."""
+    text = _read_text(path)
+    if not text.strip():
+        return  # reported as "no examples" like any other empty file
+    parser = _LineJson(text)
+    try:
+        top = parser.parse()
+    except json.JSONDecodeError as e:
+        raise LmforgeError(f"{src}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise LmforgeError(f"{src}: JSON nested too deeply") from None
+    line = parser.lines.get
+    if isinstance(top, dict):
+        if not isinstance(top.get("data"), list):
+            raise LmforgeError(f"{src}:1: expected a JSON list of objects, or an object with a 'data' list "
+                               f"(SQuAD format); found an object with fields {', '.join(top) or 'none'}")
+        top = top["data"]
+    if not isinstance(top, list):
+        raise LmforgeError(f"{src}:1: expected a JSON list of objects, got {_type(top)}")
+    if top and all(isinstance(a, dict) and "paragraphs" in a for a in top):
+        yield from _flatten_squad(top, src, line)
+        return
+    for i, obj in enumerate(top):
+        if isinstance(obj, dict):
+            yield _Record(line(id(obj), 1), f"{src}:{line(id(obj), 1)}", obj)
+        else:
+            # scalars carry no position; the nearest we know is the list's own line
+            yield _Record(1, f"{src}: item {i}", None, f"expected a JSON object, got {_type(obj)}")
+
+
+def _flatten_squad(data: list, src: str, line) -> Iterator[_Record]:
+    for i, article in enumerate(data):
+        paragraphs = article["paragraphs"]
+        if not isinstance(paragraphs, list):
+            raise LmforgeError(f"{src}:{line(id(article), 1)}: data[{i}].paragraphs must be a list, "
+                               f"got {_type(paragraphs)}")
+        for j, para in enumerate(paragraphs):
+            where = f"data[{i}].paragraphs[{j}]"
+            if not isinstance(para, dict) or not isinstance(para.get("qas"), list):
+                raise LmforgeError(f"{src}:{line(id(para), line(id(article), 1))}: {where} must be an object "
+                                   "with 'context' and a 'qas' list")
+            for k, qa in enumerate(para["qas"]):
+                n = line(id(qa), line(id(para), 1))
+                loc = f"{src}:{n} ({where}.qas[{k}])"
+                if not isinstance(qa, dict):
+                    yield _Record(n, loc, None, f"expected a JSON object, got {_type(qa)}")
+                    continue
+                row = {key: value for key, value in qa.items() if key not in ("context", "is_impossible")}
+                row["context"] = para.get("context")
+                if qa.get("is_impossible"):
+                    row["answers"] = []  # SQuAD v2 keeps 'plausible_answers' aside; the gold is "no answer"
+                if "title" in article:
+                    row.setdefault("title", article["title"])
+                yield _Record(n, loc, row)
+
+
+def _iter_csv(path: Path, src: str, delimiter: str) -> Iterator[_Record]:
+    text = _read_text(path)
+    # contexts of QA data easily pass the csv module's 128 KiB default cell limit
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    # TSV has no quoting convention (GLUE's files contain bare quotes), so quotes are kept as text there
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting, strict=True)
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    header: list[str] | None = None
+    end = 0
+    while True:
+        start = end + 1  # a quoted cell may span lines: report the line where the record starts
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise LmforgeError(f"{src}:{start}: malformed {kind} ({e})") from None
+        end = reader.line_num
+        if not cells or (len(cells) == 1 and not cells[0].strip()):
+            continue
+        if header is None:
+            header = [c.strip() for c in cells]
+            dupes = sorted({c for c in header if header.count(c) > 1})
+            if dupes:
+                raise LmforgeError(f"{src}:{start}: header repeats column {', '.join(map(repr, dupes))}")
+            continue
+        loc = f"{src}:{start}"
+        if len(cells) != len(header):
+            yield _Record(start, loc, None, f"{len(cells)} columns, but the header has {len(header)}",
+                          text_cells=True)
+            continue
+        yield _Record(start, loc, dict(zip(header, cells)), text_cells=True)
+
+
+def _iter_parquet(path: Path, src: str) -> Iterator[_Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (OSError, pa.ArrowException) as e:
+        raise LmforgeError(f"{src}: cannot read Parquet ({e})") from None
+    for i, obj in enumerate(rows, 1):
+        yield _Record(i, f"{src}:row {i}", obj)
+
+
+def _iter_records(path: Path, src: str) -> Iterator[_Record]:
+    kind = _format(path)
+    if kind == "jsonl":
+        return _iter_jsonl(path, src)
+    if kind == "json":
+        return _iter_json(path, src)
+    if kind in ("csv", "tsv"):
+        return _iter_csv(path, src, "," if kind == "csv" else "\t")
+    return _iter_parquet(path, src)
+
+
+# ----------------------------------------------------------------------------------------------- fields
+
+@dataclass(frozen=True)
+class _Role:
+    name: str
+    candidates: tuple[str, ...]
+    option: str
+    required: bool = True
+
+
+_ROLES: dict[str, list[_Role]] = {
+    "classify": [
+        _Role("text", ("text", "sentence", "content", "review", "document", "sentence1", "premise", "question"),
+              "--text-field"),
+        _Role("text_pair", ("text_pair", "sentence2", "hypothesis"), "--text-pair-field", required=False),
+        _Role("label", ("label", "labels", "score", "target", "class", "sentiment"), "--label-field"),
+    ],
+    "qa": [
+        _Role("id", ("id", "qid", "question_id", "_id"), "--id-field", required=False),
+        _Role("question", ("question", "query", "q"), "--question-field"),
+        _Role("context", ("context", "passage", "paragraph", "document", "text"), "--context-field"),
+        _Role("answers", ("answers", "answer", "answer_text"), "--answers-field"),
+        _Role("answer_start", ("answer_start", "answer_starts", "start"), "--answer-start-field", required=False),
+    ],
+    "sft": [
+        _Role("messages", ("messages", "conversations", "conversation", "chat"), "--messages-field",
+              required=False),
+        _Role("prompt", ("prompt", "instruction", "question", "query", "input"), "--prompt-field"),
+        _Role("input", ("input",), "--input-field", required=False),
+        _Role("response", ("response", "completion", "output", "answer"), "--response-field"),
+    ],
+    "translate": [
+        _Role("source", ("source", "src", "source_text"), "--source-field"),
+        _Role("target", ("target", "tgt", "target_text"), "--target-field"),
+    ],
+}
+_OPTION = {role.name: role.option for roles in _ROLES.values() for role in roles}
+_LANG = re.compile(r"^[a-z]{2,3}([-_][a-z]{2,4})?$", re.IGNORECASE)
+# short names that look like ISO codes but rarely are in a data file ('id' is also Indonesian: see below)
+_NOT_LANG = {"id", "idx", "uid", "key", "src", "tgt", "url", "ref", "row", "tag", "pos", "len", "num"}
+
+
+def _find(obj: dict, candidates) -> str | None:
+    lower = {str(k).lower(): k for k in reversed(list(obj))}  # first spelling wins on a case clash
+    for cand in candidates:
+        if cand in lower:
+            return lower[cand]
+    return None
+
+
+def _no_field(obj: dict, role: str, key: str | None = None, looked: tuple[str, ...] = ()) -> str:
+    keys = list(map(str, obj))
+    available = f"(fields: {', '.join(keys) or 'none'})"
+    if key is not None:
+        return f"no field '{key}'{closest(key, keys)} {available}; set {_OPTION[role]}"
+    hint = closest(role, keys) or (closest(looked[0], keys) if looked else "")
+    return (f"no {role} field{hint}: looked for {', '.join(looked)} {available}; set {_OPTION[role]}")
+
+
+def _resolve_fields(task: str, obj: dict, given: dict[str, str | None], loc: str) -> dict[str, str]:
+    """Role -> field name, from the explicit names and otherwise by guessing on the first record."""
+    def fail(msg: str):
+        raise LmforgeError(f"{loc}: {msg}")
+
+    if task == "translate":
+        return _resolve_translate(obj, given, fail)
+    roles = {r.name: r for r in _ROLES[task]}
+    out: dict[str, str] = {}
+    for name, key in given.items():
+        if key is not None:
+            if key not in obj:
+                fail(_no_field(obj, name, key))
+            out[name] = key
+    if task == "sft":
+        if "messages" not in out and not ({"prompt", "response"} & set(out)):
+            msgs = _find(obj, roles["messages"].candidates)
+            if msgs is not None:
+                return {"messages": msgs}
+        if "messages" in out:
+            return out
+        if "prompt" not in out:
+            prompt = _find(obj, roles["prompt"].candidates)
+            if prompt is None:
+                fail(_no_field(obj, "prompt", looked=roles["prompt"].candidates)
+                     + " (or --messages-field for chat data)")
+            out["prompt"] = prompt
+        if "response" not in out:
+            response = _find({k: v for k, v in obj.items() if k != out["prompt"]}, roles["response"].candidates)
+            if response is None:
+                fail(_no_field(obj, "response", looked=roles["response"].candidates))
+            out["response"] = response
+        if given.get("input") is None:
+            # Alpaca: the instruction is the prompt and an 'input' beside it is appended to it
+            extra = _find({k: v for k, v in obj.items() if k not in (out["prompt"], out["response"])}, ("input",))
+            if extra is not None:
+                out["input"] = extra
+        return out
+    used = set(out.values())
+    for role in _ROLES[task]:
+        if role.name in out:
+            continue
+        key = _find({k: v for k, v in obj.items() if k not in used}, role.candidates)
+        if key is None:
+            if role.required:
+                fail(_no_field(obj, role.name, looked=role.candidates))
+            continue
+        out[role.name] = key
+        used.add(key)
+    return out
+
+
+def _resolve_translate(obj: dict, given: dict[str, str | None], fail) -> dict[str, str]:
+    out: dict[str, str] = {}
+    inner, nested = obj, _find(obj, ("translation",))
+    if nested is not None and isinstance(obj[nested], dict):
+        inner = obj[nested]
+        out["nested"] = nested
+    src, tgt = given.get("source"), given.get("target")
+    for role, key in (("source", src), ("target", tgt)):
+        if key is not None and key not in inner:
+            fail(_no_field(inner, role, key))
+    if src is None or tgt is None:
+        guess_src = None if src is not None else _find(inner, _ROLES["translate"][0].candidates)
+        guess_tgt = None if tgt is not None else _find(inner, _ROLES["translate"][1].candidates)
+        if (src or guess_src) and (tgt or guess_tgt):
+            src, tgt = src or guess_src, tgt or guess_tgt
+        else:
+            langs = [k for k, v in inner.items() if isinstance(v, str) and _LANG.match(str(k))]
+            if len(langs) > 2:
+                langs = [k for k in langs if k.lower() not in _NOT_LANG]
+            if src is not None or tgt is not None:
+                others = [k for k in langs if k not in (src, tgt)]
+                if len(others) != 1:
+                    missing = "target" if tgt is None else "source"
+                    fail(_no_field(inner, missing, looked=_ROLES["translate"][0 if missing == "source" else 1]
+                                   .candidates + ("a language code",)))
+                src, tgt = src or others[0], tgt or others[0]
+            elif len(langs) == 2:
+                # no direction given: the order of the file's fields decides, and is recorded in `fields`
+                src, tgt = langs
+                out["order"] = "file"
+            elif len(langs) > 2:
+                fail(f"several language fields ({', '.join(langs)}): set --source-field and --target-field")
+            else:
+                role = "target" if (src or guess_src) else "source"
+                fail(_no_field(inner, role, looked=_ROLES["translate"][0 if role == "source" else 1].candidates
+                               + ("two language-code fields such as en/es",)))
+    result = {"source": src, "target": tgt, **out}
+    if all(_LANG.match(k) and k.lower() not in _NOT_LANG - {"id"} for k in (src, tgt)):
+        result["source_lang"], result["target_lang"] = src.lower(), tgt.lower()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- records
+
+def _type(value: Any) -> str:
+    return {dict: "an object", list: "a list", type(None): "null", bool: "a boolean", str: "a string",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _get(obj: dict, key: str, role: str) -> Any:
+    if key not in obj:
+        raise _Bad(_no_field(obj, role, key))
+    return obj[key]
+
+
+def _text(obj: dict, key: str, role: str, *, optional: bool = False) -> str | None:
+    value = _get(obj, key, role) if not optional else obj.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise _Bad(f"field '{key}' must be a string, got {_type(value)}")
+    if not value.strip():
+        raise _Bad(f"field '{key}' is empty")
+    return value
+
+
+def _number(text: str) -> int | float | str:
+    """CSV cells are text: '1' and '3.5' mean numbers there, anything else stays a string label."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return value if math.isfinite(value) else text
+
+
+def _classify(rec: _Record, f: dict[str, str]) -> dict:
+    obj = rec.obj
+    text = _text(obj, f["text"], "text")
+    pair = _text(obj, f["text_pair"], "text_pair", optional=True) if "text_pair" in f else None
+    label = _get(obj, f["label"], "label")
+    key = f["label"]
+    if isinstance(label, str):
+        if not label.strip():
+            raise _Bad(f"field '{key}' is empty")
+        if rec.text_cells:
+            label = _number(label.strip())
+    elif label is None:
+        raise _Bad(f"field '{key}' is null")
+    elif isinstance(label, float) and not math.isfinite(label):
+        raise _Bad(f"field '{key}' is {label}")
+    elif not isinstance(label, (int, float)):
+        more = "; multi-label classification is not supported" if isinstance(label, list) else ""
+        raise _Bad(f"field '{key}' must be a string or a number, got {_type(label)}{more}")
+    return {"text": text, "text_pair": pair, "label": label}
+
+
+def _as_int(value: Any, key: str) -> int:
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise _Bad(f"field '{key}': answer_start must be a whole number, got {value!r}")
+
+
+def _qa_answers(rec: _Record, f: dict[str, str], context: str) -> dict:
+    obj, key = rec.obj, f["answers"]
+    value = _get(obj, key, "answers")
+    if rec.text_cells and isinstance(value, str) and value.strip()[:1] in ("{", "["):
+        try:
+            value = json.loads(value)  # a CSV cell holding the HF answers struct as JSON
+        except json.JSONDecodeError as e:
+            raise _Bad(f"field '{key}': invalid JSON ({e.msg} at column {e.colno})") from None
+    texts: list = []
+    starts: list = []
+    if isinstance(value, dict):
+        if "text" not in value:
+            raise _Bad(f"field '{key}' must have 'text' and 'answer_start' (has {', '.join(value) or 'none'})")
+        texts, starts = value.get("text"), value.get("answer_start")
+        if not isinstance(texts, list):  # one answer written as {"text": "...", "answer_start": 3}
+            texts, starts = [texts], [starts]
+        if not isinstance(starts, list) or len(starts) != len(texts):
+            raise _Bad(f"field '{key}': 'text' and 'answer_start' must be lists of the same length")
+    elif isinstance(value, list):
+        for item in value:
+            if not isinstance(item, dict) or "text" not in item:
+                raise _Bad(f"field '{key}': each answer must be an object with 'text' and 'answer_start', "
+                           f"got {_type(item)}")
+            texts.append(item["text"])
+            starts.append(item.get("answer_start"))
+    elif value is None or isinstance(value, str):
+        if value is not None and value.strip():  # an empty answer means unanswerable
+            texts = [value]
+            start = obj.get(f["answer_start"]) if "answer_start" in f else None
+            starts = [None if start in (None, "") else start]
+    else:
+        raise _Bad(f"field '{key}' must be answers ({{'text': [...], 'answer_start': [...]}}, a list of "
+                   f"them, or a string), got {_type(value)}")
+    out_starts = []
+    for text, start in zip(texts, starts):
+        if not isinstance(text, str) or not text:
+            raise _Bad(f"field '{key}': answer text must be a non-empty string, got {text!r}")
+        if start is None:
+            # no offset given: the answer is taken where it first occurs, and must occur
+            found = context.find(text)
+            if found < 0:
+                raise _Bad(f"field '{key}': answer {_short(text)} does not occur in the context")
+            out_starts.append(found)
+            continue
+        start = _as_int(start, key)
+        span = context[start:start + len(text)] if start >= 0 else ""
+        if span != text:
+            where = context.find(text)
+            hint = f" (it occurs at {where})" if where >= 0 else " (it does not occur in the context)"
+            raise _Bad(f"field '{key}': answer_start {start} does not match the context: found {_short(span)}, "
+                       f"expected {_short(text)}{hint}")
+        out_starts.append(start)
+    return {"text": list(texts), "answer_start": out_starts}
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _qa(rec: _Record, f: dict[str, str]) -> dict:
+    obj = rec.obj
+    question = _text(obj, f["question"], "question")
+    context = _text(obj, f["context"], "context")
+    answers = _qa_answers(rec, f, context)
+    qid = obj.get(f["id"]) if "id" in f else None
+    if qid is not None and not isinstance(qid, (str, int)):
+        raise _Bad(f"field '{f['id']}' must be a string or a number, got {_type(qid)}")
+    return {"id": None if qid in (None, "") else str(qid), "question": question, "context": context,
+            "answers": answers}
+
+
+_ROLE_ALIASES = {"human": "user", "gpt": "assistant"}  # ShareGPT's from/value turns
+_CHAT_ROLES = ("system", "user", "assistant")
+
+
+def _sft(rec: _Record, f: dict[str, str]) -> dict:
+    obj = rec.obj
+    if "messages" in f:
+        key = f["messages"]
+        turns = _get(obj, key, "messages")
+        if rec.text_cells and isinstance(turns, str):
+            try:
+                turns = json.loads(turns)
+            except json.JSONDecodeError as e:
+                raise _Bad(f"field '{key}': invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(turns, list) or not turns:
+            raise _Bad(f"field '{key}' must be a non-empty list of {{role, content}} turns, got {_type(turns)}")
+        messages = []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict):
+                raise _Bad(f"field '{key}'[{i}] must be an object with role and content, got {_type(turn)}")
+            role, content = turn.get("role", turn.get("from")), turn.get("content", turn.get("value"))
+            role = _ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
+            if role not in _CHAT_ROLES:
+                hint = closest(str(role), _CHAT_ROLES)
+                raise _Bad(f"field '{key}'[{i}]: role {role!r} is not one of {', '.join(_CHAT_ROLES)}{hint}")
+            if not isinstance(content, str):
+                raise _Bad(f"field '{key}'[{i}]: content must be a string, got {_type(content)}")
+            if role != "system" and not content.strip():
+                raise _Bad(f"field '{key}'[{i}]: {role} content is empty")
+            messages.append({"role": role, "content": content})
+        if not any(m["role"] == "assistant" for m in messages):
+            raise _Bad(f"field '{key}' has no assistant turn to learn from")
+        return {"messages": messages}
+    prompt = _text(obj, f["prompt"], "prompt")
+    extra = obj.get(f["input"]) if "input" in f else None
+    if extra is not None and not isinstance(extra, str):
+        raise _Bad(f"field '{f['input']}' must be a string, got {_type(extra)}")
+    response = _text(obj, f["response"], "response")
+    user = prompt + ("\n\n" + extra if extra and extra.strip() else "")
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": response}]}
+
+
+def _translate(rec: _Record, f: dict[str, str]) -> dict:
+    obj = rec.obj
+    if "nested" in f:
+        inner = _get(obj, f["nested"], "source")
+        if not isinstance(inner, dict):
+            raise _Bad(f"field '{f['nested']}' must be an object of language: text, got {_type(inner)}")
+        obj = inner
+    return {"source": _text(obj, f["source"], "source"), "target": _text(obj, f["target"], "target")}
+
+
+_NORMALISE = {"classify": _classify, "qa": _qa, "sft": _sft, "translate": _translate}
+
+
+def load_examples(spec: str, task: str, fields: dict[str, str | None] | None = None, *, split: str = "train",
+                  skip_bad_rows: bool = False) -> Loaded:
+    """Read and normalise every record of a file or built-in set for `task` (see the module docstring)."""
+    if task not in _NORMALISE:
+        raise LmforgeError(f"unknown task '{task}'{closest(task, TASKS)} (tasks: {', '.join(TASKS)})")
+    given = {k: v for k, v in (fields or {}).items()}
+    roles = [r.name for r in _ROLES[task]]
+    for name in given:
+        if name not in roles:
+            raise LmforgeError(f"unknown field role '{name}' for task {task}{closest(name, roles)} "
+                               f"(roles: {', '.join(roles)})")
+    path, src = resolve_data(spec, split)
+    builtin = None if Path(spec).expanduser().is_file() else spec.partition(":")[0]
+    # minified SQuAD files put every record on line 1, so ids default to the record's position instead
+    by_position = _format(path) in ("json", "parquet")
+    if builtin and BUILTIN_SETS[builtin] != task:
+        raise LmforgeError(f"{src}: a built-in {BUILTIN_SETS[builtin]} data set, not for task {task} "
+                           f"(built-in {task} sets: "
+                           f"{', '.join(n for n, t in BUILTIN_SETS.items() if t == task) or 'none'})")
+    normalise = _NORMALISE[task]
+    resolved: dict[str, str] | None = None
+    rows: list[dict] = []
+    lines: list[int] = []
+    skipped: list[str] = []
+    seen_ids: dict[str, int] = {}
+    for rec in _iter_records(path, src):
+        try:
+            if rec.error is not None:
+                raise _Bad(rec.error)
+            if resolved is None:
+                # the first readable record decides the fields; a file-wide problem, so never skipped
+                resolved = _resolve_fields(task, rec.obj, given, rec.loc)
+            row = normalise(rec, resolved)
+            if task == "qa":
+                if row["id"] is None:
+                    row["id"] = str(len(rows) + len(skipped) + 1 if by_position else rec.line)
+                if row["id"] in seen_ids:
+                    raise _Bad(f"duplicate id '{row['id']}' (first at line {seen_ids[row['id']]})")
+                seen_ids[row["id"]] = rec.line
+        except _Bad as e:
+            message = f"{rec.loc}: {e}"
+            if not skip_bad_rows:
+                raise LmforgeError(message) from None
+            skipped.append(message)
+            continue
+        rows.append(row)
+        lines.append(rec.line)
+    if not rows:
+        if skipped:
+            raise LmforgeError(f"{src}: no examples left after skipping {len(skipped)} bad rows "
+                               f"(first: {skipped[0]})")
+        raise LmforgeError(f"{src}: no examples (file is empty)")
+    return Loaded(rows=rows, source=src, line_numbers=lines, skipped=skipped, fields=resolved or {})
+
+
+# ----------------------------------------------------------------------------------------------- labels
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _label_key(x: Any):
+    # numbers before strings, so mixed label sets still sort instead of raising TypeError
+    return (1, str(x)) if isinstance(x, str) else (0, x)
+
+
+def build_label_map(train_labels: list, other: dict[str, list] | None = None) -> tuple[list, bool]:
+    """(sorted class labels, is_regression). Regression when every label is a number and some are not
+    whole (train and `other` splits together, so a 0-5 score whose training slice happens to be whole
+    numbers is still a score); then the label list is empty. Ints, bools and strings are classes."""
+    if not train_labels:
+        raise LmforgeError("no training labels")
+    everything = list(train_labels) + [x for labels in (other or {}).values() for x in labels]
+    if all(_is_number(x) for x in everything) and any(isinstance(x, float) and not x.is_integer()
+                                                     for x in everything):
+        return [], True
+    labels = sorted(set(train_labels), key=_label_key)
+    if len(labels) < 2:
+        raise LmforgeError(f"the training data has a single label {labels[0]!r}: classification needs at "
+                           "least two")
+    return labels, False
+
+
+def check_labels(labels: list, label_list: list, source: str, line_numbers: list[int]) -> None:
+    """Every validation/test label must be a training label: the model has no output for a new one."""
+    known = set(label_list)
+    bad = [(n, x) for x, n in zip(labels, line_numbers) if x not in known]
+    if not bad:
+        return
+    n, x = bad[0]
+    hint = closest(str(x), map(str, label_list)) if isinstance(x, str) else ""
+    shown = ", ".join(map(repr, label_list[:20])) + (", ..." if len(label_list) > 20 else "")
+    more = f"; {len(bad) - 1} more rows have unseen labels" if len(bad) > 1 else ""
+    raise LmforgeError(f"{source}:{n}: label {x!r} never seen in training{hint} (training labels: {shown}){more}")
+
+
+def holdout(rows: list[dict], line_numbers: list[int], fraction: float = 0.1, seed: int = 0,
+            max_rows: int = 2000) -> tuple[list[int], list[int]]:
+    """(train indices, validation indices), both sorted. Rows are ordered by a seeded hash of their content,
+    so the split does not depend on file order and exact duplicates land on the same side (no leakage)."""
+    if len(rows) != len(line_numbers):
+        raise ValueError("rows and line_numbers differ in length")
+    n = len(rows)
+    if n < 2:
+        raise LmforgeError(f"{n} training example(s): too few to hold out a validation slice; pass --validation")
+    n_val = min(max_rows, max(1, round(n * fraction)), n - 1)
+
+    def key(i: int) -> tuple[str, int]:
+        blob = json.dumps(rows[i], sort_keys=True, ensure_ascii=False, default=str)
+        return hashlib.sha1(f"{seed}\0{blob}".encode("utf-8")).hexdigest(), line_numbers[i]
+
+    keys = {i: key(i) for i in range(n)}
+    order = sorted(range(n), key=keys.__getitem__)
+    cut = n_val
+    # extend the cut over copies of the last held-out row, unless that would leave nothing to train on
+    while cut < n and keys[order[cut]][0] == keys[order[cut - 1]][0]:
+        cut += 1
+    if cut == n:
+        cut = n_val
+    return sorted(order[cut:]), sorted(order[:cut])

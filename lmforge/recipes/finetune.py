@@ -1,0 +1,481 @@
+"""Stage 2: fine-tune a pretrained model on labelled data for a task, fully or with LoRA.
+
+    lmforge finetune --task classify --model minilm-l6 --train rotten_tomatoes --out runs/rt
+    lmforge finetune --task qa --model minilm-l6 --train lmforge_qa --out runs/qa
+    lmforge finetune --task sft --model smollm2-135m --train chats.jsonl --out runs/chat --lora
+    lmforge finetune --task translate --model smollm2-135m --train bible_en_es --out runs/en-es --lora
+
+Without --validation a seeded slice of train is held out (built-in sets use their own validation split).
+DIR/final is a Hugging Face folder (LoRA merged unless --save-adapter), DIR/metrics.json holds validation
+and test metrics, DIR/predictions.jsonl the test (or validation) predictions.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from lmforge.config import opt
+from lmforge.errors import LmforgeError
+
+TASK_NAMES = ["classify", "qa", "sft", "translate"]
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = opt("", "what to fine-tune for", choices=TASK_NAMES)
+    model: str = opt("", "pretrained model: folder, lmforge output folder, alias (minilm-l6, smollm2-135m) or hub id")
+    train: str = opt("", "training data: .jsonl/.json/.csv/.tsv/.parquet, or built-in (rotten_tomatoes, "
+                         "chinese_reviews, bible_en_es, lmforge_qa)")
+    validation: str | None = opt(None, "validation data (default: the built-in set's, or a held-out slice of train)")
+    test: str | None = opt(None, "test data (default: the built-in set's test split)")
+    out: str = opt("", "output folder")
+    # ---- how long and how fast
+    epochs: float = opt(0.0, "passes over the training data (0: the task's default)")
+    max_steps: int = opt(0, "stop after this many optimizer steps (overrides --epochs)")
+    max_minutes: float = opt(0.0, "train for about this long (the schedule is fitted to the measured speed)")
+    batch_size: int = opt(0, "examples per batch (0: the task's default)")
+    eval_batch_size: int = opt(64, "examples per evaluation batch")
+    grad_accum: int = opt(1, "batches per optimizer step")
+    lr: float = opt(0.0, "peak learning rate (0: the task's default, higher with --lora)")
+    weight_decay: float = opt(0.01, "AdamW weight decay on weight matrices")
+    warmup_ratio: float = opt(0.06, "fraction of steps spent warming up the LR")
+    grad_clip: float = opt(1.0, "clip the gradient norm (0: off)")
+    max_length: int = opt(0, "truncate inputs to this many tokens (0: the task's default)")
+    precision: str = opt("auto", "numeric precision (auto: bf16 where supported and faster)",
+                         choices=["auto", "bf16", "fp16", "fp32"])
+    device: str = opt("auto", "cpu, cuda, mps or auto")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward: less memory, ~30% slower")
+    group_by_length: bool = opt(True, "batch examples of similar length (much less padding)")
+    evals_per_epoch: int = opt(1, "evaluations on the validation set per epoch")
+    max_train_examples: int = opt(0, "use at most this many training examples (0: all)")
+    max_eval_examples: int = opt(0, "score at most this many validation/test examples (0: all)")
+    seed: int = opt(42, "random seed")
+    resume: bool = opt(False, "continue from the latest checkpoint in --out (its saved config is reused)")
+    stop_after_steps: int = opt(0, "stop (with a checkpoint) after this many steps of this invocation")
+    progress: bool = opt(True, "show a progress bar")
+    skip_bad_rows: bool = opt(False, "skip malformed rows (and report them) instead of stopping")
+    # ---- LoRA
+    lora: bool = opt(False, "train low-rank adapters (PEFT LoRA) instead of all weights")
+    lora_r: int = opt(16, "LoRA rank")
+    lora_alpha: int = opt(32, "LoRA scaling alpha")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA path")
+    lora_targets: list[str] = opt([], "module names to adapt (default: per architecture, attention + MLP)")
+    save_adapter: bool = opt(False, "save the PEFT adapter in DIR/final instead of merging it into the weights")
+    # ---- field names (guessed from common names when not given)
+    text_field: str | None = opt(None, "classify: the text field")
+    text_pair_field: str | None = opt(None, "classify: the second text of a pair")
+    label_field: str | None = opt(None, "classify: the label field (strings, ints, or floats for regression)")
+    question_field: str | None = opt(None, "qa: the question field")
+    context_field: str | None = opt(None, "qa: the context field")
+    answers_field: str | None = opt(None, "qa: the answers field (SQuAD format)")
+    answer_start_field: str | None = opt(None, "qa: the answer_start field when answers are plain strings")
+    id_field: str | None = opt(None, "qa: the example id field")
+    prompt_field: str | None = opt(None, "sft: the prompt (or instruction) field")
+    response_field: str | None = opt(None, "sft: the response (or output) field")
+    messages_field: str | None = opt(None, "sft: the chat messages field")
+    input_field: str | None = opt(None, "sft: the Alpaca-style input field appended to the instruction")
+    source_field: str | None = opt(None, "translate: the source-language field (e.g. en)")
+    target_field: str | None = opt(None, "translate: the target-language field (e.g. es)")
+    # ---- task details
+    doc_stride: int = opt(128, "qa: overlap between windows of a long context (tokens)")
+    max_answer_length: int = opt(30, "qa: longest answer span considered (tokens)")
+    n_best: int = opt(20, "qa: start/end candidates considered per window")
+    num_beams: int = opt(1, "translate/sft evaluation: beam search width (1: greedy)")
+    max_new_tokens: int = opt(128, "translate/sft: tokens generated at most per example")
+    prompt_template: str | None = opt(None, "translate with a decoder-only model: prompt with {source}, "
+                                            "{source_lang}, {target_lang}")
+    eval_samples: int = opt(3, "sft: sample generations shown after each evaluation")
+
+
+# Default LoRA targets per architecture: attention and MLP projections (what the LoRA and QLoRA papers adapt).
+LORA_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "bert": ["query", "key", "value", "dense"],
+    "roberta": ["query", "key", "value", "dense"],
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    "t5": ["q", "k", "v", "o", "wi", "wo", "wi_0", "wi_1"],
+    "marian": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group: bool) -> list[list[int]]:
+    """Batches for one epoch, reproducible from (seed, epoch) so a resumed run sees the same order.
+
+    Grouping: shuffle, cut into mega-batches of 64 batches, sort each by length, slice into batches, then
+    shuffle the batch order; padding almost vanishes while every epoch still differs.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths)).tolist()
+    if group:
+        mega = batch_size * 64
+        order = [i for s in range(0, len(order), mega)
+                 for i in sorted(order[s:s + mega], key=lambda i: -lengths[i])]
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if group:
+        rng.shuffle(batches)
+    return batches
+
+
+def _load_data(cfg: FinetuneConfig, task):
+    """(train, {"validation": ..., "test": ...}) as Loaded sets, holding out a slice when needed."""
+    from lmforge.data.labelled import BUILTIN_SETS, Loaded, holdout, load_examples
+
+    def load(spec, split):
+        data = load_examples(spec, cfg.task, task.fields(), split=split, skip_bad_rows=cfg.skip_bad_rows)
+        if data.skipped:
+            shown = "\n  ".join(data.skipped[:10])
+            print(f"{data.source}: skipped {len(data.skipped)} bad row(s):\n  {shown}"
+                  + ("\n  ..." if len(data.skipped) > 10 else ""), flush=True)
+        if not data.rows:
+            raise LmforgeError(f"{data.source}: no usable examples")
+        return data
+
+    def subset(data: Loaded, idx: list[int], name: str) -> Loaded:
+        return Loaded([data.rows[i] for i in idx], name, [data.line_numbers[i] for i in idx], [], data.fields)
+
+    builtin = cfg.train.partition(":")[0] if cfg.train.partition(":")[0] in BUILTIN_SETS and \
+        not Path(cfg.train).exists() else None
+    train = load(cfg.train, "train")
+    others = {}
+    if cfg.validation:
+        others["validation"] = load(cfg.validation, "validation")
+    elif builtin:
+        others["validation"] = load(f"{builtin}:validation", "validation")
+    else:
+        tr, va = holdout(train.rows, train.line_numbers, fraction=0.1, seed=cfg.seed)
+        others["validation"] = subset(train, va, f"{train.source} (held-out slice)")
+        train = subset(train, tr, train.source)
+        print(f"no --validation: holding out {len(va)} of {len(tr) + len(va)} training examples", flush=True)
+    if cfg.test:
+        others["test"] = load(cfg.test, "test")
+    elif builtin:
+        others["test"] = load(f"{builtin}:test", "test")
+    if cfg.max_train_examples and len(train) > cfg.max_train_examples:
+        import numpy as np
+        idx = sorted(np.random.default_rng(cfg.seed).choice(len(train), cfg.max_train_examples, replace=False))
+        train = subset(train, idx, train.source)
+    if cfg.max_eval_examples:
+        others = {k: subset(v, list(range(min(len(v), cfg.max_eval_examples))), v.source) for k, v in others.items()}
+    return train, others
+
+
+def _wrap_lora(cfg: FinetuneConfig, model, task):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    mtype = getattr(model.config, "model_type", "")
+    targets = cfg.lora_targets or LORA_TARGETS.get(mtype)
+    if not targets:
+        raise LmforgeError(f"no default LoRA targets for model type '{mtype}'; name them with --lora-targets "
+                           f"(module names such as q_proj v_proj)")
+    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    targets = [t for t in targets if t in present]
+    if not targets:
+        raise LmforgeError(f"--lora-targets: none of {cfg.lora_targets or LORA_TARGETS.get(mtype)} are modules "
+                           f"of this {mtype} model")
+    lcfg = LoraConfig(task_type=getattr(TaskType, task.peft_task_type), r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout, target_modules=targets)
+    return get_peft_model(model, lcfg)
+
+
+def _trainable_state(model) -> dict:
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_model(model, tokenizer, folder: Path, merge: bool, extras: dict) -> None:
+    """HF folder: full weights (LoRA merged into a copy) or the PEFT adapter; tokenizer; lmforge config."""
+    import copy
+
+    is_peft = hasattr(model, "peft_config")
+    if is_peft and merge:
+        merged = copy.deepcopy(model).merge_and_unload()
+        merged.save_pretrained(folder, safe_serialization=True)
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    (folder / "lmforge_config.yaml").write_text(yaml.safe_dump(extras, sort_keys=False, allow_unicode=True),
+                                                encoding="utf-8")
+
+
+def _load_weights(model, folder: Path) -> None:
+    """Put a checkpoint's trained weights into `model` (same architecture, LoRA or not)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "lmforge_state" / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n in state if n not in params]
+    if missing:
+        raise LmforgeError(f"{folder}: checkpoint does not fit this model (e.g. {missing[0]}); was it made with "
+                           f"another --model or --lora setting?")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    import math
+    import time
+
+    from tqdm import tqdm
+
+    from lmforge import config as C
+    from lmforge.model.hub import resolve_model
+    from lmforge.tasks import get_task
+    from lmforge.tokenizer.bpe import load_tokenizer
+    from lmforge.train import checkpoint as ckpt
+    from lmforge.train.common import (MetricsLog, autocast, build_optimizer, format_duration, resolve_precision,
+                                      setup_runtime, write_atomic)
+
+    for name in ("task", "model", "train", "out"):
+        if not getattr(cfg, name):
+            raise LmforgeError(f"--{name} is required (see 'lmforge finetune --help')")
+    out = Path(cfg.out)
+    rt = setup_runtime(cfg.device)
+    precision = resolve_precision(cfg.precision, rt.device)
+    torch.manual_seed(cfg.seed)
+    resume_from = ckpt.latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        raise LmforgeError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+
+    # ---- model, tokenizer and data ----------------------------------------------------------------------------
+    task = get_task(cfg.task)(cfg)
+    path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(path)
+    train, others = _load_data(cfg, task)
+    task.prepare(tokenizer, train, others)
+    model = task.load_model(path)
+    if cfg.lora:
+        model = _wrap_lora(cfg, model, task)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        if cfg.lora:
+            model.enable_input_require_grads()
+    model.to(rt.device)
+    n_total = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    feats = task.features(train, train=True)
+    if not feats:
+        raise LmforgeError(f"{train.source}: no training examples left after tokenization")
+    lengths = [len(f["input_ids"]) for f in feats]
+    batch_size = cfg.batch_size or task.default_batch_size
+    batches_per_epoch = math.ceil(len(feats) / batch_size)
+    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
+    epochs = cfg.epochs or 3.0
+    max_steps = cfg.max_steps or max(1, round(epochs * steps_per_epoch))
+    lr = cfg.lr or (task.default_lora_lr if cfg.lora else task.default_lr)
+    optimizer = build_optimizer(model, lr, cfg.weight_decay, betas=(0.9, 0.999), device=rt.device)
+    # The schedule reads `plan` so --max-minutes can shorten the run once the speed is known.
+    plan = {"max_steps": max_steps}
+
+    def lr_lambda(step: int) -> float:
+        total = plan["max_steps"]
+        warm = max(1, int(cfg.warmup_ratio * total))
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total - step) / max(1, total - warm))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+    resolved = dict(C.to_dict(cfg), lr=lr, batch_size=batch_size, max_steps=max_steps, precision=precision)
+    extras = {"task": cfg.task, "base_model": str(path), "lora": cfg.lora, **task.config_extras(),
+              "finetune": resolved}
+    config_yaml = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
+    log = MetricsLog(out, enabled=rt.is_main)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "config.yaml", config_yaml)
+
+    step, best = 0, {"value": None, "step": None, "checkpoint": None}
+    window = [0.0, 0]  # training loss summed since the last log line, and its step count
+    history: list[dict] = []
+    if resume_from is not None:
+        state = ckpt.load_trainer_state(resume_from)
+        _load_weights(model, resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        plan["max_steps"] = state["max_steps"]
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        step, best, history = state["step"], state["best"], state["history"]
+        window = list(state["loss_window"])
+        log.truncate_after(step)
+        print(f"resuming from {resume_from} at step {step}", flush=True)
+    elif log.path.exists():
+        log.path.unlink()
+
+    print(f"task {cfg.task} | model {path.name if path.name != 'model' else path} | "
+          f"{n_total / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trained{' (LoRA)' if cfg.lora else ''} | "
+          f"{len(feats):,} training features, batch {batch_size}x{cfg.grad_accum} | {plan['max_steps']} steps | "
+          f"lr {lr:g} | precision {precision} | device {rt.device}", flush=True)
+    print("data: " + ", ".join(f"{k} {len(v):,} ({v.source})" for k, v in {"train": train, **others}.items()),
+          flush=True)
+
+    def amp():
+        return autocast(precision, rt.device)
+
+    def evaluate(split: str):
+        model.eval()
+        res = task.evaluate(model, others[split], amp, rt.device, cfg.eval_batch_size)
+        model.train()
+        return res
+
+    def short(metrics: dict) -> str:
+        keys = [k for k in ("accuracy", "macro_f1", "pearson", "spearman", "mse", "exact_match", "f1", "bleu",
+                            "chrf", "loss", "perplexity") if k in metrics]
+        return " | ".join(f"{k} {metrics[k]:.4f}" for k in keys)
+
+    def save(step: int, metric_value) -> Path:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
+                 "step": step, "max_steps": plan["max_steps"], "best": best, "history": history,
+                 "loss_window": list(window),
+                 "data_position": {"epoch": step * cfg.grad_accum // batches_per_epoch,
+                                   "batch": step * cfg.grad_accum % batches_per_epoch, "seed": cfg.seed}}
+        from safetensors.torch import save_file
+
+        def write(folder: Path):
+            _save_model(model, tokenizer, folder, merge=False, extras=extras)
+            (folder / "lmforge_state").mkdir(exist_ok=True)
+            save_file({n: t.contiguous().cpu() for n, t in _trainable_state(model).items()},
+                      str(folder / "lmforge_state" / "trainable.safetensors"))
+        protect = (best["checkpoint"],) if best["checkpoint"] else ()
+        return ckpt.save_checkpoint(out, step, write, state, config_yaml, keep=1, protect=protect)
+
+    zero_shot = None
+    if step == 0 and cfg.task == "translate":  # the baseline fine-tuning has to beat
+        zero_shot = evaluate("validation").metrics
+        print(f"zero-shot validation: {short(zero_shot)}", flush=True)
+        log.log(step=0, **{f"val_{k}": v for k, v in zero_shot.items() if isinstance(v, (int, float))})
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    eval_every = max(1, steps_per_epoch // max(1, cfg.evals_per_epoch))
+    bar = tqdm(total=plan["max_steps"], initial=step, desc=f"finetune {cfg.task}", unit="step",
+               dynamic_ncols=True, disable=not (cfg.progress and rt.is_main))
+    model.train()
+    t0, seen, timed_steps = time.time(), 0, 0
+    start_step, stopped = step, False
+    while step < plan["max_steps"]:
+        epoch = step * cfg.grad_accum // batches_per_epoch
+        order = length_grouped_batches(lengths, batch_size, cfg.seed, epoch, cfg.group_by_length)
+        first = step * cfg.grad_accum % batches_per_epoch
+        n_batches = (len(order) - first) // cfg.grad_accum * cfg.grad_accum
+        for b0 in range(first, first + n_batches, cfg.grad_accum):
+            loss_sum = 0.0
+            for idx in order[b0:b0 + cfg.grad_accum]:
+                batch = {k: v.to(rt.device) for k, v in task.collate([feats[i] for i in idx]).items()}
+                with amp():
+                    loss = model(**batch).loss / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.item()
+                seen += len(idx)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            timed_steps += 1
+            if not math.isfinite(loss_sum):
+                raise LmforgeError(f"loss became {loss_sum} at step {step}: lower --lr or use --precision fp32")
+            window[0] += loss_sum
+            window[1] += 1
+            elapsed = time.time() - t0
+            if cfg.max_minutes and timed_steps == 10:
+                # Fit the schedule to the time budget now that the speed is known (evaluations ~10% extra).
+                fit = step + int((cfg.max_minutes * 60 * 0.9 - elapsed) / (elapsed / timed_steps))
+                plan["max_steps"] = max(step + 1, min(plan["max_steps"] if cfg.max_steps or cfg.epochs else 10 ** 9, fit))
+                bar.total = plan["max_steps"]
+                print(f"\n--max-minutes {cfg.max_minutes:g}: about {plan['max_steps']} steps "
+                      f"({plan['max_steps'] / steps_per_epoch:.2f} epochs)", flush=True)
+            bar.update(1)
+            if step % 10 == 0 or step == plan["max_steps"]:
+                bar.set_postfix(loss=f"{window[0] / window[1]:.4f}", samples_s=f"{seen / elapsed:.1f}")
+                log.log(step=step, epoch=round(step / steps_per_epoch, 3), loss=window[0] / window[1],
+                        lr=scheduler.get_last_lr()[0], samples_per_s=seen / elapsed)
+                window = [0.0, 0]
+            if step % eval_every == 0 or step == plan["max_steps"]:
+                bar.clear()
+                t_eval = time.time()
+                res = evaluate("validation")
+                value = res.metrics.get(task.metric)
+                improved = value is not None and (best["value"] is None or (
+                    value > best["value"] if task.greater_is_better else value < best["value"]))
+                row = {"step": step, "epoch": round(step / steps_per_epoch, 3),
+                       **{f"val_{k}": v for k, v in res.metrics.items() if isinstance(v, (int, float))}}
+                history.append(row)
+                log.log(**row)
+                print(f"step {step} (epoch {row['epoch']:.2f}): validation {short(res.metrics)}"
+                      + (" (best)" if improved else ""), flush=True)
+                for p in res.predictions[:cfg.eval_samples] if cfg.task == "sft" else []:
+                    print(f"  sample: {str(p.get('generated', ''))[:200]!r}", flush=True)
+                if improved:
+                    best.update(value=value, step=step, checkpoint=f"step-{step:06d}")
+                if rt.is_main:
+                    save(step, value)
+                t0 += time.time() - t_eval  # evaluation time is not training throughput
+            if cfg.stop_after_steps and step - start_step >= cfg.stop_after_steps and step < plan["max_steps"]:
+                stopped = True
+                break
+            if step >= plan["max_steps"]:
+                break
+        if stopped:
+            break
+    bar.close()
+    if stopped:
+        path = save(step, None) if rt.is_main else None
+        print(f"stopped at step {step}; checkpoint {path}. Continue with: lmforge finetune --out {out} --resume",
+              flush=True)
+        return {"stopped_at": step, "checkpoint": str(path)}
+    train_seconds = time.time() - t0
+
+    # ---- best model -> DIR/final, metrics, predictions ---------------------------------------------------------
+    if best["checkpoint"] and (out / "checkpoints" / best["checkpoint"]).exists():
+        _load_weights(model, out / "checkpoints" / best["checkpoint"])
+    model.eval()
+    results = {"task": cfg.task, "model": str(path), "lora": cfg.lora, "steps": step,
+               "epochs": round(step / steps_per_epoch, 3), "best_step": best["step"],
+               "train_samples_per_s": round(seen / max(train_seconds, 1e-9), 2),
+               "train_seconds": round(train_seconds, 1), "parameters": n_total, "trained_parameters": n_train}
+    if zero_shot is not None:
+        results["zero_shot_validation"] = zero_shot
+    pred_rows = []
+    for split in ("validation", "test"):
+        if split in others:
+            res = evaluate(split)
+            results[split] = res.metrics
+            pred_rows = res.predictions  # test wins when there is one
+            print(f"{split}: {short(res.metrics)}", flush=True)
+    if rt.is_main:
+        final = out / "final"
+        ckpt.write_folder_atomic(final, lambda f: _save_model(model, tokenizer, f, merge=not cfg.save_adapter,
+                                                                 extras=extras))
+        write_atomic(out / "predictions.jsonl",
+                     "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pred_rows))
+        results["final_model"] = str(final)
+        log.summary(results)
+        log.plot()
+        print(f"done in {format_duration(train_seconds)}: model {final} "
+              f"({'PEFT adapter' if cfg.lora and cfg.save_adapter else task.auto_class}); "
+              f"metrics {out / 'metrics.json'}; predictions {out / 'predictions.jsonl'}", flush=True)
+    return results
+
+
+def base_config(args) -> dict:
+    """With --resume, the run's saved config is the base, so `--out DIR --resume` alone is enough."""
+    if not getattr(args, "resume", False) or not getattr(args, "out", None):
+        return {}
+    path = Path(args.out) / "config.yaml"
+    if not path.exists():
+        return {}
+    from lmforge import config as C
+
+    saved = C.load_yaml(path)
+    for key in ("resume", "stop_after_steps"):
+        saved.pop(key, None)
+    return saved

@@ -1,0 +1,118 @@
+"""Run a fine-tuned model on new inputs and print one JSON line per input.
+
+    lmforge predict --model runs/rt --text "A gorgeous, witty film." --text "Dull and overlong."
+    lmforge predict --model runs/qa --question "Who built the ark?" --context "Noah built the ark ..."
+    lmforge predict --model runs/en-es --text "In the beginning God created the heavens."
+    lmforge predict --model runs/chat --text "Write a haiku about rain."
+    lmforge predict --model runs/rt --input reviews.jsonl            # rows with the fields the task reads
+
+classify -> label and probabilities; qa -> answer span and score; translate -> translation;
+sft (and any causal LM) -> the generated reply, through the model's chat template.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from lmforge.config import opt
+from lmforge.errors import LmforgeError
+
+
+@dataclass
+class PredictConfig:
+    model: str = opt("", "fine-tuned folder (or any HF folder / alias with --task)")
+    task: str = opt("", "task (default: the one the folder was fine-tuned for)",
+                    choices=["classify", "qa", "sft", "translate"])
+    text: list[str] = opt([], "input text(s): a sentence to classify or translate, or a prompt")
+    question: str = opt("", "qa: the question")
+    context: str = opt("", "qa: the passage to find the answer in")
+    input: str | None = opt(None, "a data file (.jsonl/.csv/...) whose rows to predict")
+    max_new_tokens: int = opt(256, "translate/sft: tokens to generate at most")
+    num_beams: int = opt(1, "translate/sft: beam width (1: greedy)")
+    batch_size: int = opt(16, "inputs per batch")
+
+
+def _rows(cfg: PredictConfig, task: str, t) -> list[dict]:
+    from lmforge.data.labelled import load_examples
+
+    if cfg.input:
+        try:
+            return load_examples(cfg.input, task, t.fields()).rows
+        except LmforgeError as e:
+            # Prediction inputs have no labels/answers/targets: fall back to the text field alone.
+            if task == "qa" or "field" not in str(e):
+                raise
+            from lmforge.data.labelled import _iter_records, resolve_data
+
+            path, src = resolve_data(cfg.input)
+            rows = []
+            for rec in _iter_records(path, src):
+                if rec.error:
+                    raise LmforgeError(rec.error) from None
+                obj = rec.obj
+                text = next((obj[k] for k in ("text", "sentence", "source", "prompt", "content") if k in obj), None)
+                if not isinstance(text, str):
+                    raise LmforgeError(f"{src}:{rec.line}: no text field (text, sentence, source or prompt)") from None
+                rows.append({"text": text})
+            return rows
+    if task == "qa":
+        if not cfg.question or not cfg.context:
+            raise LmforgeError("qa needs --question and --context (or --input FILE)")
+        return [{"question": cfg.question, "context": cfg.context}]
+    if not cfg.text:
+        raise LmforgeError("pass --text (one or more) or --input FILE")
+    return [{"text": x} for x in cfg.text]
+
+
+def run(cfg: PredictConfig) -> int:
+    import torch
+
+    from lmforge.model.hub import resolve_model
+    from lmforge.recipes.evaluate import load_for_task, saved_task
+
+    if not cfg.model:
+        raise LmforgeError("--model is required")
+    path = resolve_model(cfg.model)
+    task = cfg.task or saved_task(path)
+    if task is None:
+        raise LmforgeError(f"{path}: not made by 'lmforge finetune'; say what it is with --task")
+    with torch.no_grad():
+        t, model, tokenizer, extras = load_for_task(path, task, {"num_beams": cfg.num_beams,
+                                                                 "max_new_tokens": cfg.max_new_tokens})
+        rows = _rows(cfg, task, t)
+        for row, result in zip(rows, predict_rows(task, t, model, tokenizer, extras, rows, cfg)):
+            print(json.dumps(result, ensure_ascii=False), flush=True)
+    return 0
+
+
+def predict_rows(task: str, t, model, tokenizer, extras: dict, rows: list[dict], cfg: PredictConfig) -> list[dict]:
+    if task == "classify":
+        from lmforge.tasks.classify import classify_texts
+
+        texts = [r["text"] for r in rows]
+        return [{"text": x, **p} for x, p in zip(texts, classify_texts(model, tokenizer, texts,
+                                                                        batch_size=cfg.batch_size))]
+    if task == "qa":
+        from lmforge.tasks.qa import answer
+
+        q = extras.get("qa", {})
+        return [{"question": r["question"], **answer(model, tokenizer, r["question"], r["context"],
+                                                     max_length=q.get("max_length", 384),
+                                                     doc_stride=q.get("doc_stride", 128),
+                                                     max_answer_length=q.get("max_answer_length", 30),
+                                                     n_best=q.get("n_best", 20),
+                                                     allow_null=q.get("allow_null", False))} for r in rows]
+    if task == "translate":
+        texts = [r.get("source", r.get("text")) for r in rows]
+        return [{"source": x, "translation": y} for x, y in zip(texts, t.translate_texts(model, texts))]
+    # sft: a chat turn per input
+    from lmforge.tasks.sft import generate_reply
+
+    out = []
+    for r in rows:
+        messages = r.get("messages") or [{"role": "user", "content": r.get("text") or r.get("prompt")}]
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        reply = generate_reply(model, tokenizer, messages, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams)
+        out.append({"prompt": messages[-1]["content"], "reply": reply})
+    return out

@@ -1,0 +1,90 @@
+"""What a fine-tuning task provides to the shared loop in `lmforge/recipes/finetune.py`.
+
+One file per task (classify.py, qa.py, sft.py, translate.py), each a `Task` subclass. The loop owns
+everything generic: model resolution, LoRA wrapping, length-grouped batches, precision, optimizer,
+schedule, progress, checkpoints and resume, best-model tracking, metrics.json and predictions.jsonl.
+A task owns what differs: which Auto class, how examples become token features, and how to score.
+
+Feature dicts are plain Python (lists of ints) so they are cheap to sort and batch; every feature has
+"input_ids" (its length drives length-grouped batching); `collate` pads a list of them into tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lmforge.data.labelled import Loaded
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]  # e.g. {"accuracy": 0.84, "macro_f1": 0.84, ...}; values JSON-serialisable
+    predictions: list[dict] = field(default_factory=list)  # one JSON row per example, for predictions.jsonl
+
+
+class Task:
+    name = ""
+    auto_class = ""  # e.g. "AutoModelForSequenceClassification": what plain transformers loads DIR/final with
+    peft_task_type = ""  # peft.TaskType name: SEQ_CLS, QUESTION_ANS, CAUSAL_LM, SEQ_2_SEQ_LM
+    metric = ""  # key of EvalResult.metrics that picks the best checkpoint
+    greater_is_better = True
+    default_max_length = 256
+    default_lr = 5e-5  # full fine-tuning; LoRA uses default_lora_lr
+    default_lora_lr = 5e-4
+    default_batch_size = 16
+
+    def __init__(self, cfg):
+        self.cfg = cfg  # the FinetuneConfig (field options, max_length, beams, ...)
+        self.max_length = cfg.max_length or self.default_max_length
+
+    # ---- data --------------------------------------------------------------------------------------------
+    def fields(self) -> dict[str, str | None]:
+        """Explicit field names from the config, for lmforge.data.labelled.load_examples."""
+        return {}
+
+    def prepare(self, tokenizer, train: Loaded, others: dict[str, Loaded]) -> None:
+        """Look at the data once before the model is built (label maps, unseen-label checks, templates)."""
+        self.tokenizer = tokenizer
+
+    def load_model(self, path, dtype=None):
+        """The pretrained model with the task's head (num_labels, id2label, pad id...)."""
+        raise NotImplementedError
+
+    def features(self, loaded: Loaded, train: bool) -> list[dict]:
+        """Training features (with labels) for train=True; evaluation may use its own inside `evaluate`."""
+        raise NotImplementedError
+
+    def collate(self, feats: list[dict]) -> dict[str, torch.Tensor]:
+        """Pad to the longest in the batch (dynamic padding); labels padded with -100."""
+        raise NotImplementedError
+
+    # ---- scoring -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model, loaded: Loaded, autocast_ctx, device, batch_size: int) -> EvalResult:
+        """Score `model` on `loaded` (model is in eval mode; call autocast_ctx() around forwards)."""
+        raise NotImplementedError
+
+    def attach(self, path, tokenizer, extras: dict):
+        """For evaluate/predict on a fine-tuned folder: set up from the saved model, not training data.
+        `extras` is the folder's lmforge_config.yaml ({} for a plain HF folder). Returns the model."""
+        self.tokenizer = tokenizer
+        return self.load_model(path)
+
+    def config_extras(self) -> dict:
+        """Extra keys recorded in DIR/final/lmforge_config.yaml (e.g. the prompt template)."""
+        return {}
+
+
+def pad_batch(feats: list[dict], keys_pad: dict[str, int], multiple: int = 8) -> dict[str, torch.Tensor]:
+    """Right-pad each listed key to the batch's longest (rounded up to `multiple`) -> (B, T) LongTensors."""
+    longest = max(len(f["input_ids"]) for f in feats)
+    T = -(-longest // multiple) * multiple
+    out = {}
+    for key, pad in keys_pad.items():
+        if key not in feats[0]:
+            continue
+        rows = [list(f[key]) + [pad] * (T - len(f[key])) for f in feats]
+        out[key] = torch.tensor(rows, dtype=torch.long)
+    return out

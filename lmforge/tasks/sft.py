@@ -1,0 +1,411 @@
+"""Supervised fine-tuning of causal LMs (Llama-like, GPT-like) on chats or prompt/response pairs.
+
+Every example is a conversation ({"messages": [{"role", "content"}, ...]}, see lmforge.data.labelled),
+rendered with the tokenizer's chat template. The loss is on assistant tokens only, each assistant turn
+including the end-of-turn token that closes it (so the model learns to stop); system and user tokens get
+label -100. A tokenizer without a chat template gets one: ChatML when its vocabulary has <|im_start|> and
+<|im_end|> (lmforge's own tokenizers, SmolLM2, Qwen), otherwise a plain "### User: / ### Assistant:" one whose
+assistant turns end with the EOS token. The end-of-turn token becomes the tokenizer's EOS and the model's
+generation EOS, and the template is saved with the tokenizer, so DIR/final chats out of the box.
+
+Evaluation: mean per-token loss and perplexity on the assistant tokens, plus a few greedy sample replies.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from lmforge.data.labelled import Loaded
+from lmforge.errors import LmforgeError
+from lmforge.evaluate.metrics import perplexity
+from lmforge.tasks.base import EvalResult, Task, pad_batch
+from lmforge.tokenizer.bpe import DEFAULT_CHAT_TEMPLATE
+
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+EVAL_TOKENS_PER_BATCH = 32_768  # padded tokens per loss batch: bounds the (B, T, vocab) logits
+
+
+# ------------------------------------------------------------------------------------------ templates
+
+def plain_chat_template(eos_text: str) -> str:
+    """A template for tokenizers without one: '### User:' / '### Assistant:' blocks, assistant turns ending
+    with `eos_text` (written into the template, so the saved template keeps working if EOS changes)."""
+    eos = eos_text.replace("\\", "\\\\").replace("'", "\\'")
+    return (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '### User:\n' + message['content'] + '\n\n' }}"
+        "{% else %}{{ '### Assistant:\n' + message['content'] + '" + eos + "' + '\n\n' }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
+    )
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The chat template's text for `messages` (never token ids: transformers 5 returns a BatchEncoding)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def encode_text(tokenizer, text: str, offsets: bool = False):
+    """Token ids of already-templated text (the template writes BOS itself where it wants one)."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets)
+    return (list(enc["input_ids"]), list(enc["offset_mapping"])) if offsets else list(enc["input_ids"])
+
+
+def _special_ids(tokenizer) -> set[int]:
+    ids = set(tokenizer.all_special_ids)
+    for idx, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(added, "special", False):
+            ids.add(int(idx))
+    return ids
+
+
+def detect_end_of_turn(tokenizer) -> str | None:
+    """The token the chat template closes an assistant turn with: the first special token after the reply
+    (<|im_end|> for ChatML, <|eot_id|> for Llama 3, </s> for Mistral, <end_of_turn> for Gemma); EOS when
+    the template writes none."""
+    probe = "lmforge probe reply"
+    try:
+        text = render(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}])
+    except Exception:  # templates may reject odd conversations; EOS is the safe answer
+        return tokenizer.eos_token
+    at = text.rfind(probe)
+    if at < 0:
+        return tokenizer.eos_token
+    special = _special_ids(tokenizer)
+    for t in encode_text(tokenizer, text[at + len(probe):]):
+        if t in special:
+            return tokenizer.convert_ids_to_tokens(t)
+        if tokenizer.decode([t]).strip():
+            break  # plain text after the reply before any special token: the template has no end token
+    return tokenizer.eos_token
+
+
+def setup_chat(tokenizer, install_template: bool = True) -> dict:
+    """Give `tokenizer` a chat template (if it has none and `install_template`), a pad token, and the
+    end-of-turn token as its EOS. Returns {"chat_template", "end_of_turn", "eos_token", "pad_token"}."""
+    vocab = tokenizer.get_vocab()
+    original_eos = tokenizer.eos_token
+    if not tokenizer.chat_template and install_template:
+        if all(t in vocab for t in CHATML_TOKENS):
+            tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        else:
+            if original_eos is None:
+                raise LmforgeError("the tokenizer has no chat template and no EOS token to end replies with; "
+                                   "use a tokenizer with a chat template (or an EOS token)")
+            tokenizer.chat_template = plain_chat_template(original_eos)
+    eot = detect_end_of_turn(tokenizer) if tokenizer.chat_template else original_eos
+    if eot is None:
+        raise LmforgeError("the tokenizer has no EOS token, and its chat template ends replies with no special "
+                           "token: generation would never stop")
+    if tokenizer.pad_token is None:
+        # pad with the original EOS (distinct from the end of turn where possible); padding is masked anyway
+        tokenizer.pad_token = original_eos if original_eos is not None else eot
+    if tokenizer.eos_token != eot:
+        tokenizer.eos_token = eot
+    return {"chat_template": tokenizer.chat_template, "end_of_turn": eot, "eos_token": tokenizer.eos_token,
+            "pad_token": tokenizer.pad_token}
+
+
+def end_token_ids(tokenizer, model=None, end_of_turn: str | None = None) -> list[int]:
+    """Ids generation stops on: the end-of-turn token first, then the tokenizer's and the model's EOS."""
+    ids: list[int] = []
+
+    def add(t):
+        for x in (t if isinstance(t, (list, tuple)) else [t]):
+            if x is not None and int(x) not in ids:
+                ids.append(int(x))
+
+    if end_of_turn is not None:
+        add(tokenizer.convert_tokens_to_ids(end_of_turn))
+    add(tokenizer.eos_token_id)
+    gen = getattr(model, "generation_config", None) if model is not None else None
+    if gen is not None:
+        add(gen.eos_token_id)
+    return ids
+
+
+def configure_generation(model, tokenizer, end_ids: list[int]) -> None:
+    """Make the model's generation config (saved with DIR/final) stop at the end of a turn and pad properly."""
+    pad = tokenizer.pad_token_id
+    model.config.pad_token_id = pad
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.eos_token_id = end_ids[0] if len(end_ids) == 1 else list(end_ids)
+        gen.pad_token_id = pad
+
+
+def load_causal(path, dtype=None):
+    """AutoModelForCausalLM in float32 unless told otherwise (AdamW wants float32 master weights)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), **_dtype_kw(dtype or torch.float32))
+
+
+def _dtype_kw(dtype) -> dict:
+    import transformers
+
+    return {"dtype": dtype} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": dtype}
+
+
+# ------------------------------------------------------------------------------------------ masking
+
+def _token_spans_by_offsets(offsets, start_c: int, end_c: int) -> tuple[int, int]:
+    """Token index range [a, b) of the tokens overlapping characters [start_c, end_c)."""
+    a = next((k for k, (s, e) in enumerate(offsets) if e > start_c), len(offsets))
+    b = next((k for k, (s, e) in enumerate(offsets) if s >= end_c), len(offsets))
+    return a, max(a, b)
+
+
+def assistant_spans(tokenizer, messages: list[dict], ids: list[int], text: str) -> list[tuple[int, int]]:
+    """Token ranges [a, b) of each assistant turn within `ids` (the tokens of `text`, the rendered chat).
+
+    For assistant turn i, the tokens of template(messages[:i], add_generation_prompt) and of
+    template(messages[:i+1]) must be prefixes of the whole; the turn is what lies between. Templates for
+    which that does not hold (some rewrite earlier turns) fall back to character offsets."""
+    spans = []
+    offsets = None
+    search_from = 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        try:
+            prefix = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        except Exception:  # e.g. a template that rejects a conversation not starting with a user turn
+            prefix = ""
+        upto = render(tokenizer, messages[:i + 1])
+        p_ids, u_ids = encode_text(tokenizer, prefix), encode_text(tokenizer, upto)
+        if len(u_ids) > len(p_ids) and ids[:len(u_ids)] == u_ids and ids[:len(p_ids)] == p_ids:
+            spans.append((len(p_ids), len(u_ids)))
+            search_from = len(upto)
+            continue
+        if offsets is None:
+            _, offsets = encode_text(tokenizer, text, offsets=True)
+        if prefix and text.startswith(prefix) and text.startswith(upto) and len(upto) > len(prefix):
+            start_c, end_c = len(prefix), len(upto)
+        else:
+            start_c = text.find(m["content"], max(search_from, len(prefix) if text.startswith(prefix) else 0))
+            if start_c < 0:
+                raise LmforgeError("the chat template does not reproduce an assistant reply verbatim; cannot "
+                                   "tell which tokens to train on")
+            end_c = start_c + len(m["content"])
+        a, b = _token_spans_by_offsets(offsets, start_c, end_c)
+        if end_c == start_c + len(m["content"]) and b < len(ids):
+            # the reply alone: take the end-of-turn token right after it (past whitespace) as well
+            k = b
+            while k < len(ids) and not tokenizer.decode([ids[k]]).strip():
+                k += 1
+            if k < len(ids) and ids[k] in _special_ids(tokenizer):
+                b = k + 1
+        spans.append((a, b))
+        search_from = end_c
+    return spans
+
+
+def encode_conversation(tokenizer, messages: list[dict], end_id: int, max_length: int | None = None,
+                        train_all_assistant: bool = True) -> dict | None:
+    """{"input_ids", "attention_mask", "labels"} with labels only on assistant tokens, each assistant turn
+    ending with `end_id` (appended where the template did not write it). None when truncation to
+    `max_length` leaves no assistant token. With train_all_assistant=False only the last turn is learned."""
+    text = render(tokenizer, messages)
+    ids = encode_text(tokenizer, text)
+    spans = assistant_spans(tokenizer, messages, ids, text)
+    if not train_all_assistant:
+        spans = spans[-1:]
+    out_ids: list[int] = []
+    labels: list[int] = []
+    pos = 0
+    for a, b in spans:
+        a = max(a, pos)
+        out_ids += ids[pos:a]
+        labels += [-100] * (a - pos)
+        seg = ids[a:b]
+        ends = [k for k, t in enumerate(seg) if t == end_id]
+        if ends:
+            cut = ends[-1] + 1  # the turn ends at its end token; what follows (a newline) is template
+            out_ids += seg[:cut]
+            labels += seg[:cut]
+            out_ids += seg[cut:]
+            labels += [-100] * (len(seg) - cut)
+        else:
+            # no end token in the turn: drop trailing whitespace tokens, then close the turn ourselves
+            cut = len(seg)
+            while cut > 1 and not tokenizer.decode([seg[cut - 1]]).strip():
+                cut -= 1
+            out_ids += seg[:cut] + [end_id]
+            labels += seg[:cut] + [end_id]
+            out_ids += seg[cut:]
+            labels += [-100] * (len(seg) - cut)
+        pos = b
+    out_ids += ids[pos:]
+    labels += [-100] * (len(ids) - pos)
+    if max_length:
+        out_ids, labels = out_ids[:max_length], labels[:max_length]
+    if all(x == -100 for x in labels):
+        return None
+    return {"input_ids": out_ids, "attention_mask": [1] * len(out_ids), "labels": labels}
+
+
+def split_for_generation(messages: list[dict]) -> tuple[list[dict], str]:
+    """(the conversation before the last assistant turn, that turn's content)."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last], messages[last]["content"]
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+def _generate_kwargs(tokenizer, end_ids: list[int], max_new_tokens: int, num_beams: int = 1) -> dict:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[0]
+    return dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, eos_token_id=end_ids,
+                pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts: list[list[int]], end_ids: list[int], max_new_tokens: int,
+                   num_beams: int = 1, batch_size: int = 16, autocast_ctx=None) -> list[list[int]]:
+    """Greedy (or beam) continuations of decoder-only `prompts` (token ids), left-padded in batches of
+    similar length; each result stops before the first end token."""
+    import contextlib
+
+    ctx = autocast_ctx or contextlib.nullcontext
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[0]
+    kw = _generate_kwargs(tokenizer, end_ids, max_new_tokens, num_beams)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    stop = set(end_ids)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        T = max(len(prompts[i]) for i in idx)
+        ids = torch.tensor([[pad] * (T - len(prompts[i])) + list(prompts[i]) for i in idx], device=device)
+        mask = torch.tensor([[0] * (T - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=device)
+        with ctx():
+            gen = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        for row, i in zip(gen[:, T:].tolist(), idx):
+            new = []
+            for t in row:
+                if t in stop:
+                    break
+                new.append(t)
+            out[i] = new
+    return out
+
+
+def generate_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, num_beams: int = 1,
+                   end_ids: list[int] | None = None) -> str:
+    """The model's (greedy) next assistant reply to `messages`, for `lmforge predict` and serving."""
+    model.eval()
+    end_ids = end_ids or end_token_ids(tokenizer, model, detect_end_of_turn(tokenizer))
+    ids = encode_text(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
+    new = generate_batch(model, tokenizer, [ids], end_ids, max_new_tokens, num_beams, batch_size=1)[0]
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+# ------------------------------------------------------------------------------------------ the task
+
+def sum_token_loss(model, feats: list[dict], collate, autocast_ctx, device, batch_size: int) -> tuple[float, int]:
+    """(total cross-entropy in nats, number of predicted tokens) over `feats` with "labels"."""
+    order = sorted(range(len(feats)), key=lambda i: len(feats[i]["input_ids"]))
+    total, count = 0.0, 0
+    s = 0
+    while s < len(order):
+        T = len(feats[order[s]]["input_ids"])
+        n = 1
+        # sorted ascending: grow the batch while its longest row keeps the padded size within budget
+        while (s + n < len(order) and n < batch_size
+               and (n + 1) * len(feats[order[s + n]]["input_ids"]) <= max(EVAL_TOKENS_PER_BATCH, T)):
+            n += 1
+        batch = {k: v.to(device) for k, v in collate([feats[i] for i in order[s:s + n]]).items()}
+        s += n
+        k = int((batch["labels"][:, 1:] != -100).sum())
+        if k == 0:
+            continue
+        with autocast_ctx():
+            loss = model(**batch).loss
+        total += float(loss.float()) * k
+        count += k
+    return total, count
+
+
+class SFTTask(Task):
+    name = "sft"
+    auto_class = "AutoModelForCausalLM"
+    peft_task_type = "CAUSAL_LM"
+    metric = "loss"
+    greater_is_better = False
+    default_max_length = 512
+    default_lr = 5e-5
+    default_lora_lr = 5e-4
+    default_batch_size = 8
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.chat: dict = {}
+        self.dropped: dict[str, int] = {}  # source -> examples dropped because truncation left no reply
+
+    def fields(self):
+        return {"messages": self.cfg.messages_field, "prompt": self.cfg.prompt_field,
+                "response": self.cfg.response_field}
+
+    def prepare(self, tokenizer, train: Loaded, others: dict[str, Loaded]) -> None:
+        super().prepare(tokenizer, train, others)
+        self.chat = setup_chat(tokenizer)
+        self.end_id = tokenizer.convert_tokens_to_ids(self.chat["end_of_turn"])
+
+    def end_ids(self, model=None) -> list[int]:
+        return end_token_ids(self.tokenizer, model, self.chat["end_of_turn"])
+
+    def load_model(self, path, dtype=None):
+        model = load_causal(path, dtype)
+        configure_generation(model, self.tokenizer, self.end_ids(model))
+        return model
+
+    def features(self, loaded: Loaded, train: bool) -> list[dict]:
+        feats = []
+        for row in loaded.rows:
+            f = encode_conversation(self.tokenizer, row["messages"], self.end_id, self.max_length)
+            if f is not None:
+                feats.append(f)
+        dropped = len(loaded.rows) - len(feats)
+        first = loaded.source not in self.dropped  # evaluation rebuilds features: say it once per data set
+        self.dropped[loaded.source] = dropped
+        if dropped and first:
+            print(f"{loaded.source}: {dropped} of {len(loaded.rows)} examples dropped: their assistant reply "
+                  f"starts after --max-length {self.max_length} tokens", flush=True)
+        if not feats:
+            raise LmforgeError(f"{loaded.source}: no example has an assistant reply within --max-length "
+                               f"{self.max_length} tokens; raise --max-length")
+        return feats
+
+    def collate(self, feats: list[dict]) -> dict[str, torch.Tensor]:
+        return pad_batch(feats, {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "labels": -100})
+
+    @torch.no_grad()
+    def evaluate(self, model, loaded: Loaded, autocast_ctx, device, batch_size: int) -> EvalResult:
+        feats = self.features(loaded, train=False)
+        total, count = sum_token_loss(model, feats, self.collate, autocast_ctx, device, batch_size)
+        loss = total / count if count else float("nan")
+        metrics = {"loss": loss, "perplexity": perplexity(loss) if count else float("nan"), "tokens": count,
+                   "n": len(feats)}
+        preds = []
+        samples = loaded.rows[:max(0, self.cfg.eval_samples)]
+        if samples:
+            end_ids = self.end_ids(model)
+            prompts, refs, shown = [], [], []
+            for row in samples:
+                context, reference = split_for_generation(row["messages"])
+                ids = encode_text(self.tokenizer, render(self.tokenizer, context, add_generation_prompt=True))
+                prompts.append(ids[-self.max_length:])
+                refs.append(reference)
+                shown.append(next((m["content"] for m in reversed(context) if m["role"] != "assistant"), ""))
+            outs = generate_batch(model, self.tokenizer, prompts, end_ids, self.cfg.max_new_tokens,
+                                  batch_size=len(prompts), autocast_ctx=autocast_ctx)
+            for prompt, ref, new in zip(shown, refs, outs):
+                preds.append({"prompt": prompt, "reference": ref,
+                              "generated": self.tokenizer.decode(new, skip_special_tokens=True).strip()})
+        return EvalResult(metrics, preds)
+
+    def config_extras(self) -> dict:
+        return {"chat_template": self.chat.get("chat_template"), "end_of_turn": self.chat.get("end_of_turn"),
+                "eos_token": self.chat.get("eos_token")}

@@ -1,0 +1,119 @@
+"""The command line: verbs, --help, YAML configs and the precedence of the command line over the file."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from conftest import assert_user_error, cli, cli_subprocess
+from lmforge.cli import VERBS, main
+
+
+def test_top_help_lists_every_verb(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for verb in VERBS:
+        assert f"  {verb}" in out, verb
+    assert "--config" in out
+
+
+def test_no_arguments_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "verbs:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [[v, "--help"] for v in VERBS] + [["tokenizer", "train", "--help"]],
+                         ids=lambda a: " ".join(a))
+def test_verb_help_exits_zero(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    assert exc.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert out.startswith("usage: lmforge " + argv[0])
+    assert "--config" in out
+
+
+def test_pretrain_help_shows_defaults_and_choices(capsys):
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    out = capsys.readouterr().out
+    assert "--max-steps" in out and "--no-progress" in out
+    assert "{tiny,small,base}" in out
+
+
+def test_yaml_config_and_command_line_override(tmp_path, tiny_run):
+    out = tmp_path / "run"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "data": [str(tiny_run.corpus)], "out": str(out), "tokenizer": str(tiny_run.tokenizer),
+        "size": "tiny", "n_layer": 1, "n-embd": 32, "n_head": 2, "context": 32,  # dashed keys work too
+        "max_steps": 1, "batch_size": 2, "seed": 7, "lr": 0.0005, "eval_tokens": 64, "sample_tokens": 0,
+        "progress": False, "log_interval": 5,
+    }), encoding="utf-8")
+    res = cli("pretrain", "--config", cfg, "--seed", "9", "--batch-size", "3", "--log-interval", "1")
+    assert res.code == 0, res.err
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    # From the file:
+    assert saved["n_layer"] == 1 and saved["n_embd"] == 32 and saved["context"] == 32
+    assert saved["lr"] == pytest.approx(0.0005)
+    assert saved["max_steps"] == 1 and saved["eval_tokens"] == 64 and saved["progress"] is False
+    assert saved["tokenizer"] == str(tiny_run.tokenizer)
+    # The command line wins over the file:
+    assert saved["seed"] == 9 and saved["batch_size"] == 3 and saved["log_interval"] == 1
+    # Untouched options keep their defaults:
+    assert saved["grad_accum"] == 1 and saved["weight_decay"] == pytest.approx(0.1)
+    # The saved config is itself a valid --config file (keys and values round-trip through the dataclass).
+    from lmforge import config as C
+    from lmforge.recipes.pretrain import PretrainConfig
+
+    assert C.build(PretrainConfig, saved).seed == 9
+
+
+def test_unknown_yaml_key_suggests_closest(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("data: [shakespeare]\nout: x\nmax_step: 3\n", encoding="utf-8")
+    res = cli("pretrain", "--config", cfg)
+    assert_user_error(res, "unknown option 'max_step'", "did you mean 'max_steps'", str(cfg))
+    assert not (tmp_path / "x").exists()
+
+
+def test_yaml_wrong_type_is_a_clear_error(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("batch_size: lots\n", encoding="utf-8")
+    assert_user_error(cli("pretrain", "--config", cfg), "batch_size", "expected int", "'lots'")
+
+
+def test_yaml_not_a_mapping(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("- a\n- b\n", encoding="utf-8")
+    assert_user_error(cli("pretrain", "--config", cfg), "mapping")
+
+
+def test_missing_config_file(tmp_path):
+    assert_user_error(cli("pretrain", "--config", tmp_path / "nope.yaml"), "nope.yaml", "not found")
+
+
+def test_unknown_cli_option_suggests_closest():
+    res = cli("pretrain", "--batchsize", "4")
+    assert_user_error(res, "unknown option '--batchsize'", "did you mean '--batch-size'")
+
+
+def test_unknown_verb_suggests_closest():
+    assert_user_error(cli("pretrian"), "unknown verb 'pretrian'", "did you mean 'pretrain'")
+    assert_user_error(cli("generat", "--model", "x"), "did you mean 'generate'")
+
+
+def test_unknown_subverb_suggests_closest():
+    assert_user_error(cli("tokenizer", "trian"), "train", "did you mean 'train'")
+    assert_user_error(cli("tokenizer"), "needs one of: train")
+
+
+def test_unknown_verb_exit_code_in_a_real_process():
+    proc = cli_subprocess("pretrian")
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert_user_error(proc, "did you mean 'pretrain'")
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("lmforge ")

@@ -1,0 +1,191 @@
+"""User errors: exit code 2 and one line `lmforge: error: ...` that says what and where; never a traceback."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import assert_user_error, cli, cli_subprocess
+
+
+def pretrain(data, out, *extra):
+    return cli("pretrain", "--data", data, "--out", out, "--size", "tiny", "--max-steps", "1", "--no-progress",
+               "--sample-tokens", "0", *extra)
+
+
+def test_missing_data_file(tmp_path):
+    res = pretrain(tmp_path / "nope.txt", tmp_path / "out")
+    assert_user_error(res, "nope.txt", "no such file or folder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_misspelled_builtin_corpus(tmp_path):
+    assert_user_error(pretrain("shakespear", tmp_path / "out"), "did you mean 'shakespeare'")
+
+
+def test_empty_file(tmp_path):
+    f = tmp_path / "empty.txt"
+    f.write_text("  \n\n", encoding="utf-8")
+    assert_user_error(pretrain(f, tmp_path / "out"), str(f), "empty")
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.md").write_text("not a text source")
+    assert_user_error(pretrain(tmp_path / "d", tmp_path / "out"), "folder has no")
+
+
+def test_unsupported_file_type(tmp_path):
+    f = tmp_path / "data.csv"
+    f.write_text("a,b\n")
+    assert_user_error(pretrain(f, tmp_path / "out"), "data.csv", "unsupported file type")
+
+
+def test_non_utf8_reports_file_line_column(tmp_path):
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("first line\nsecond line\ncaf".encode() + b"\xe9 au lait\nlast\n")
+    line = assert_user_error(pretrain(f, tmp_path / "out"), f"{f}:3:4:", "not valid UTF-8", "0xe9")
+    assert "iconv" in line  # says how to fix it
+
+
+def test_non_utf8_in_a_real_process(tmp_path):
+    """Exit code and stderr as a shell sees them (the same failure, through `python -m lmforge`)."""
+    f = tmp_path / "gbk.txt"
+    f.write_bytes(b"hello\nworld\n" + "中文".encode("gbk") + b"\n")
+    proc = cli_subprocess("tokenizer", "train", "--data", f, "--out", tmp_path / "tok", "--vocab-size", "300")
+    assert proc.returncode == 2
+    assert_user_error(proc, f"{f}:3:1:", "not valid UTF-8")
+    assert not (tmp_path / "tok").exists()
+
+
+def test_corpus_too_small_for_the_context(tmp_path, tiny_run):
+    f = tmp_path / "small.txt"
+    f.write_text("To be, or not to be, that is the question.\n" * 10, encoding="utf-8")
+    res = pretrain(f, tmp_path / "out", "--tokenizer", tiny_run.tokenizer, "--context", "64")
+    assert_user_error(res, "corpus too small", "context length 64", "--context")
+
+
+def test_unknown_preset_on_the_command_line(tmp_path, capsys):
+    from lmforge.cli import main
+
+    with pytest.raises(SystemExit) as exc:  # argparse choices
+        main(["pretrain", "--data", "shakespeare", "--out", str(tmp_path / "o"), "--size", "huge"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'huge'" in err and "Traceback" not in err
+
+
+def test_unknown_preset_in_yaml(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: [shakespeare]\nout: {tmp_path / 'o'}\nsize: smal\n", encoding="utf-8")
+    assert_user_error(cli("pretrain", "--config", cfg), "'size'", "'smal' is not one of tiny, small, base",
+                      "did you mean 'small'")
+    cfg.write_text("size: huge\n", encoding="utf-8")
+    assert_user_error(cli("pretrain", "--config", cfg), "'huge' is not one of tiny, small, base")
+
+
+def test_unknown_config_key_with_suggestion(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("vocab_sise: 512\n", encoding="utf-8")
+    assert_user_error(cli("pretrain", "--config", cfg), "unknown option 'vocab_sise'", "did you mean 'vocab_size'")
+    cfg.write_text("promt: hi\n", encoding="utf-8")
+    assert_user_error(cli("generate", "--config", cfg), "did you mean 'prompt'")
+
+
+def test_invalid_yaml_reports_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("seed: 1\nout: [unclosed\nlr: 2\n", encoding="utf-8")
+    assert_user_error(cli("pretrain", "--config", cfg), str(cfg), "invalid YAML", "line")
+
+
+@pytest.mark.parametrize("verb", ["generate", "evaluate"])
+def test_model_folder_that_is_empty(tmp_path, verb, tiny_run):
+    d = tmp_path / "empty_model"
+    d.mkdir()
+    res = cli(verb, "--model", d, "--data", tiny_run.corpus) if verb == "evaluate" else \
+        cli(verb, "--model", d, "--prompt", "x")
+    assert_user_error(res, str(d), "not a model folder")
+
+
+def test_model_folder_with_a_random_file(tmp_path):
+    d = tmp_path / "junk"
+    d.mkdir()
+    (d / "weights.bin").write_bytes(b"\x00\x01garbage")
+    assert_user_error(cli("generate", "--model", d, "--prompt", "x"), str(d), "not a model folder")
+
+
+def test_model_that_is_a_file(tmp_path):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"x")
+    assert_user_error(cli("generate", "--model", f, "--prompt", "x"), "must be a folder")
+
+
+def test_model_folder_without_weights(tmp_path, tiny_run):
+    d = tmp_path / "noweights"
+    d.mkdir()
+    (d / "config.json").write_text((tiny_run.final / "config.json").read_text())
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (d / name).write_text((tiny_run.final / name).read_text())
+    assert_user_error(cli("generate", "--model", d, "--prompt", "x"), "no *.safetensors weights")
+
+
+def test_model_folder_with_broken_config(tmp_path, tiny_run):
+    d = tmp_path / "brokencfg"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "llama",\n  oops}\n')
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (d / name).write_text((tiny_run.final / name).read_text())
+    # The tokenizer (which also reads config.json) or the model loader reports it; either names the file.
+    line = assert_user_error(cli("generate", "--model", d, "--prompt", "x"), "config.json")
+    assert "JSON" in line
+
+
+def test_unknown_model_name():
+    assert_user_error(cli("generate", "--model", "smollm2-13m", "--prompt", "x"), "did you mean 'smollm2-135m'")
+
+
+def test_resume_without_checkpoint(tmp_path, tiny_run):
+    out = tmp_path / "fresh"
+    res = pretrain(tiny_run.corpus, out, "--resume")
+    assert_user_error(res, "--resume", "no checkpoint", str(out / "checkpoints"))
+
+
+def test_malformed_jsonl_reports_file_and_line(tmp_path):
+    f = tmp_path / "docs.jsonl"
+    f.write_text(json.dumps({"text": "fine"}) + "\n\n" + json.dumps({"text": "also fine"}) + "\n"
+                 + '{"text": "broken\n' + json.dumps({"text": "never read"}) + "\n", encoding="utf-8")
+    assert_user_error(pretrain(f, tmp_path / "out"), f"{f}:4:", "invalid JSON")
+
+
+def test_jsonl_missing_field_suggests(tmp_path):
+    f = tmp_path / "docs.jsonl"
+    f.write_text(json.dumps({"txt": "hello"}) + "\n", encoding="utf-8")
+    assert_user_error(pretrain(f, tmp_path / "out"), f"{f}:1:", "no field 'text'", "did you mean 'txt'",
+                      "--text-field")
+
+
+def test_jsonl_non_object_line(tmp_path):
+    f = tmp_path / "docs.jsonl"
+    f.write_text(json.dumps({"text": "a"}) + "\n[1, 2]\n", encoding="utf-8")
+    assert_user_error(pretrain(f, tmp_path / "out"), f"{f}:2:", "expected a JSON object")
+
+
+def test_missing_required_options(tmp_path, tiny_run):
+    assert_user_error(cli("pretrain", "--data", tiny_run.corpus), "--out is required")
+    assert_user_error(cli("pretrain", "--out", tmp_path / "o"), "no data given")
+    assert_user_error(cli("generate", "--prompt", "x"), "--model is required")
+    assert_user_error(cli("generate", "--model", tiny_run.final, "--max-new-tokens", "0"), "--max-new-tokens")
+
+
+def test_bad_numeric_option_values(tmp_path, tiny_run):
+    res = pretrain(tiny_run.corpus, tmp_path / "o", "--tokenizer", tiny_run.tokenizer, "--val-fraction", "1.5")
+    assert_user_error(res, "--val-fraction")
+    res = pretrain(tiny_run.corpus, tmp_path / "o2", "--tokenizer", tiny_run.tokenizer, "--n-embd", "30",
+                   "--n-head", "4")
+    assert_user_error(res, "--n-embd 30")
+
+
+def test_tokenizer_folder_that_is_not_one(tmp_path, tiny_run):
+    d = tmp_path / "notatok"
+    d.mkdir()
+    assert_user_error(pretrain(tiny_run.corpus, tmp_path / "o", "--tokenizer", d), "not a tokenizer folder")

@@ -1,0 +1,158 @@
+"""The finetune recipe end to end on tiny random models: every task, LoRA, resume, predict/evaluate, bad data."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_user_error, cli, metrics_rows
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+POS = ["a wonderful, moving film", "great acting and a clever story", "I loved every minute", "brilliant and funny",
+       "a joy to watch", "superb direction"]
+NEG = ["a dull, boring mess", "terrible acting and a silly plot", "I hated every minute", "tedious and flat",
+       "a waste of time", "awful direction"]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer, width-32 BERT with the packaged MiniLM tokenizer, saved as an HF folder."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from lmforge.model.hub import resolve_model
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(resolve_model("minilm-l6"))
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64, max_position_embeddings=128))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sentiment(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("sentiment")
+    train = [{"text": t, "label": "pos"} for t in POS] * 4 + [{"text": t, "label": "neg"} for t in NEG] * 4
+    val = [{"sentence": t, "label": "pos"} for t in POS[:3]] + [{"sentence": t, "label": "neg"} for t in NEG[:3]]
+    return _write_jsonl(d / "train.jsonl", train), _write_jsonl(d / "val.jsonl", val)
+
+
+def test_classify_end_to_end_loads_with_plain_transformers(tiny_bert, sentiment, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    train, val = sentiment
+    out = tmp_path / "run"
+    res = cli("finetune", "--task", "classify", "--model", tiny_bert, "--train", train, "--validation", val,
+              "--out", out, "--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--no-progress")
+    assert res.code == 0, res.err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["validation"]) >= {"accuracy", "macro_f1", "per_class", "confusion_matrix"}
+    assert metrics["validation"]["n"] == 6
+    model = AutoModelForSequenceClassification.from_pretrained(out / "final")
+    assert set(model.config.id2label.values()) == {"neg", "pos"}
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 6 and set(preds[0]["probabilities"]) == {"neg", "pos"}
+    assert (out / "config.yaml").exists() and (out / "final" / "lmforge_config.yaml").exists()
+
+    pred = cli("predict", "--model", out, "--text", "a wonderful film", "dull")
+    assert pred.code == 0, pred.err
+    lines = [json.loads(x) for x in pred.out.splitlines()]
+    assert len(lines) == 2 and lines[0]["label"] in ("pos", "neg")
+    assert abs(sum(lines[0]["scores"].values()) - 1) < 1e-3
+
+    ev = cli("evaluate", "--model", out, "--data", val)
+    assert ev.code == 0, ev.err
+    assert json.loads(ev.out)["accuracy"] == pytest.approx(metrics["validation"]["accuracy"])
+
+
+def test_classify_learns_a_separable_task(tiny_bert, sentiment, tmp_path):
+    train, _ = sentiment
+    out = tmp_path / "run"
+    res = cli("finetune", "--task", "classify", "--model", tiny_bert, "--train", train, "--validation", train,
+              "--out", out, "--epochs", "15", "--batch-size", "8", "--lr", "3e-3", "--no-progress",
+              "--precision", "fp32")
+    assert res.code == 0, res.err
+    assert json.loads((out / "metrics.json").read_text())["validation"]["accuracy"] >= 0.9
+
+
+def test_lora_merged_and_adapter(tiny_bert, sentiment, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    train, val = sentiment
+    res = cli("finetune", "--task", "classify", "--model", tiny_bert, "--train", train, "--validation", val,
+              "--out", tmp_path / "merged", "--lora", "--max-steps", "3", "--batch-size", "8", "--no-progress")
+    assert res.code == 0, res.err
+    m = json.loads((tmp_path / "merged" / "metrics.json").read_text())
+    assert m["trained_parameters"] < m["parameters"] / 2
+    assert not (tmp_path / "merged" / "final" / "adapter_config.json").exists()
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged" / "final")
+    res = cli("finetune", "--task", "classify", "--model", tiny_bert, "--train", train, "--validation", val,
+              "--out", tmp_path / "adapter", "--lora", "--save-adapter", "--max-steps", "2", "--batch-size", "8",
+              "--no-progress")
+    assert res.code == 0, res.err
+    assert (tmp_path / "adapter" / "final" / "adapter_config.json").exists()
+
+
+def test_resume_matches_uninterrupted(tiny_bert, sentiment, tmp_path):
+    train, val = sentiment
+    common = ["--task", "classify", "--model", tiny_bert, "--train", train, "--validation", val, "--batch-size", "4",
+              "--epochs", "2", "--evals-per-epoch", "2", "--no-progress", "--precision", "fp32"]
+    assert cli("finetune", *common, "--out", tmp_path / "a").code == 0
+    b = tmp_path / "b"
+    res = cli("finetune", *common, "--out", b, "--stop-after-steps", "7")  # mid-epoch, after an evaluation
+    assert res.code == 0, res.err
+    state = torch.load(b / "checkpoints" / "step-000007" / "lmforge_state" / "trainer.pt", weights_only=True)
+    assert state["step"] == 7 and {"optimizer", "scheduler", "rng", "data_position"} <= set(state)
+    res = cli("finetune", "--out", b, "--resume", "--no-progress")
+    assert res.code == 0, res.err
+    rows_a, rows_b = metrics_rows(tmp_path / "a"), metrics_rows(b)
+    for key in ("loss", "val_accuracy", "val_macro_f1"):
+        seq_a = [(r["step"], r[key]) for r in rows_a if key in r]
+        seq_b = [(r["step"], r[key]) for r in rows_b if key in r]
+        assert len(seq_a) >= 2 and len(seq_a) == len(seq_b), key
+        for (sa, va), (sb, vb) in zip(seq_a, seq_b):
+            assert sa == sb and va == pytest.approx(vb, abs=1e-5), (key, sa, va, vb)
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "a", b))
+    assert ma["validation"]["accuracy"] == mb["validation"]["accuracy"] and ma["best_step"] == mb["best_step"]
+
+
+def test_bad_rows_are_named_or_skipped(tiny_bert, tmp_path):
+    rows = [{"text": f"good film {i}", "label": 1} for i in range(5)] + \
+        [{"text": f"bad film {i}", "label": 0} for i in range(5)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"text": "oops", "label": \n'
+                   + json.dumps({"txt": "no text", "label": 1}) + "\n", encoding="utf-8")
+    res = cli("finetune", "--task", "classify", "--model", tiny_bert, "--train", bad, "--out", tmp_path / "o",
+              "--max-steps", "1", "--no-progress")
+    assert_user_error(res, "bad.jsonl:11")
+    res = cli("finetune", "--task", "classify", "--model", tiny_bert, "--train", bad, "--out", tmp_path / "o",
+              "--max-steps", "1", "--no-progress", "--skip-bad-rows")
+    assert res.code == 0, res.err
+    assert "skipped 2 bad row" in res.out
+
+    val = _write_jsonl(tmp_path / "val.jsonl", [{"text": "meh", "label": 7}])
+    res = cli("finetune", "--task", "classify", "--model", tiny_bert, "--train", _write_jsonl(tmp_path / "t.jsonl", rows),
+              "--validation", val, "--out", tmp_path / "o2", "--max-steps", "1", "--no-progress")
+    assert_user_error(res, "val.jsonl:1", "never seen in training")
+
+
+def test_qa_end_to_end(tiny_bert, tmp_path):
+    out = tmp_path / "qa"
+    res = cli("finetune", "--task", "qa", "--model", tiny_bert, "--train", "lmforge_qa", "--out", out,
+              "--max-steps", "2", "--batch-size", "8", "--max-train-examples", "32", "--max-eval-examples", "8",
+              "--max-length", "128", "--doc-stride", "32", "--no-progress")
+    assert res.code == 0, res.err
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"exact_match", "f1"} <= set(m["test"])
+    pred = cli("predict", "--model", out, "--question", "Who built it?", "--context", "Noah built the ark.")
+    assert pred.code == 0, pred.err
+    assert "answer" in json.loads(pred.out)

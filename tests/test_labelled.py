@@ -1,0 +1,392 @@
+"""Loading labelled data: formats, field guessing per task, built-in sets, errors that say where, labels."""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from lmforge.data.labelled import (BUILTIN_SETS, build_label_map, check_labels, holdout, load_examples,
+                                   resolve_data)
+from lmforge.errors import LmforgeError
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+    return path
+
+
+def jsonl(path: Path, *objs) -> Path:
+    return write(path, "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objs))
+
+
+def error(*args, **kwargs) -> str:
+    with pytest.raises(LmforgeError) as exc:
+        load_examples(*args, **kwargs)
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+def assert_has(msg: str, *fragments: str) -> None:
+    for frag in fragments:
+        assert frag in msg, f"{frag!r} not in {msg!r}"
+
+
+# ------------------------------------------------------------------------------------------- formats
+
+CLASSIFY_ROWS = [{"sentence": "good film", "label": 1}, {"sentence": "bad film", "label": 0}]
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.jsonl.gz"])
+def test_jsonl_plain_and_gzip(tmp_path, name):
+    path = write(tmp_path / name, "\n" + "".join(json.dumps(o) + "\n" for o in CLASSIFY_ROWS))
+    got = load_examples(str(path), "classify")
+    assert got.rows == [{"text": "good film", "text_pair": None, "label": 1},
+                        {"text": "bad film", "text_pair": None, "label": 0}]
+    assert got.line_numbers == [2, 3]  # the blank first line still counts
+    assert got.fields == {"text": "sentence", "label": "label"}
+    assert got.source == str(path) and got.skipped == [] and len(got) == 2
+
+
+@pytest.mark.parametrize("name", ["d.json", "d.json.gz"])
+def test_json_list_reports_lines_of_each_object(tmp_path, name):
+    path = write(tmp_path / name, json.dumps(CLASSIFY_ROWS + [{"sentence": "", "label": 1}], indent=2))
+    assert load_examples(str(path), "classify", skip_bad_rows=True).line_numbers == [2, 6]
+    assert_has(error(str(path), "classify"), f"{name}:10:", "'sentence'", "empty")
+
+
+def test_json_data_wrapper_of_flat_records(tmp_path):
+    path = write(tmp_path / "d.json", json.dumps({"version": 1, "data": CLASSIFY_ROWS}))
+    assert [r["label"] for r in load_examples(str(path), "classify").rows] == [1, 0]
+
+
+def test_squad_nested_json_is_flattened(tmp_path):
+    ctx = "Paris is the capital of France."
+    squad = {"version": "v2.0", "data": [{"title": "France", "paragraphs": [{"context": ctx, "qas": [
+        {"id": "q1", "question": "What is the capital?", "answers": [{"text": "Paris", "answer_start": 0}]},
+        {"id": "q2", "question": "What is the capital of Spain?", "answers": [], "is_impossible": True,
+         "plausible_answers": [{"text": "Paris", "answer_start": 0}]},
+    ]}]}]}
+    path = write(tmp_path / "squad.json", json.dumps(squad, indent=1))
+    got = load_examples(str(path), "qa")
+    assert got.rows == [
+        {"id": "q1", "question": "What is the capital?", "context": ctx,
+         "answers": {"text": ["Paris"], "answer_start": [0]}},
+        {"id": "q2", "question": "What is the capital of Spain?", "context": ctx,
+         "answers": {"text": [], "answer_start": []}},
+    ]
+    text = path.read_text().splitlines()
+    assert [text[n - 1].strip() for n in got.line_numbers] == ["{", "{"]
+    assert got.line_numbers[0] < got.line_numbers[1]
+
+    squad["data"][0]["paragraphs"][0]["qas"][0]["answers"][0]["answer_start"] = 3
+    write(path, json.dumps(squad))  # minified, like the official files: the JSON path locates the record
+    assert_has(error(str(path), "qa"), "squad.json:1", "data[0].paragraphs[0].qas[0]", "'answers'",
+               "answer_start 3 does not match the context: found 'is is', expected 'Paris'")
+
+
+@pytest.mark.parametrize("name", ["d.csv", "d.csv.gz"])
+def test_csv_numbers_multiline_cells_and_lines(tmp_path, name):
+    path = write(tmp_path / name, '\ufeffreview,sentiment\n"great,\nreally",pos\n\nawful,neg\n ,pos\n')
+    got = load_examples(str(path), "classify", skip_bad_rows=True)
+    assert got.rows[0] == {"text": "great,\nreally", "text_pair": None, "label": "pos"}
+    assert got.line_numbers == [2, 5]  # a record spanning lines is reported where it starts
+    assert got.fields == {"text": "review", "label": "sentiment"}
+    assert_has(got.skipped[0], f"{name}:6:", "'review'", "empty")
+
+    write(path, "text,label\nfine,1\nmeh,0\n")
+    assert [r["label"] for r in load_examples(str(path), "classify").rows] == [1, 0]  # text cells -> ints
+
+
+def test_csv_row_with_wrong_column_count(tmp_path):
+    path = write(tmp_path / "d.csv", "text,label\nok,1\nextra,1,2\n")
+    assert_has(error(str(path), "classify"), "d.csv:3:", "3 columns, but the header has 2")
+
+
+def test_tsv_keeps_bare_quotes(tmp_path):
+    path = write(tmp_path / "d.tsv", 'sentence1\tsentence2\tlabel\nHe said "hi\tShe left\t1\nx\ty\t0\n')
+    got = load_examples(str(path), "classify")
+    assert got.rows[0] == {"text": 'He said "hi', "text_pair": "She left", "label": 1}
+    assert got.fields == {"text": "sentence1", "text_pair": "sentence2", "label": "label"}
+
+
+def test_parquet_rows_and_errors(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ctx = "The cat sat on the mat."
+    table = pa.table({"question": ["Who sat?", "Where?"], "context": [ctx, ctx],
+                      "answers": [{"text": ["The cat"], "answer_start": [0]},
+                                  {"text": ["the mat"], "answer_start": [5]}]})
+    path = tmp_path / "d.parquet"
+    pq.write_table(table, path)
+    msg = error(str(path), "qa")
+    assert_has(msg, "d.parquet:row 2", "'answers'", "answer_start 5", "(it occurs at 15)")
+    got = load_examples(str(path), "qa", skip_bad_rows=True)
+    assert got.rows == [{"id": "1", "question": "Who sat?", "context": ctx,
+                         "answers": {"text": ["The cat"], "answer_start": [0]}}]
+    assert got.line_numbers == [1] and len(got.skipped) == 1
+
+
+# ------------------------------------------------------------------------------------------- classify
+
+def test_classify_pairs_and_overrides(tmp_path):
+    path = jsonl(tmp_path / "nli.jsonl", {"premise": "A man sleeps.", "hypothesis": "A man is awake.",
+                                          "Label": "contradiction", "note": "n1"})
+    got = load_examples(str(path), "classify")
+    assert got.rows == [{"text": "A man sleeps.", "text_pair": "A man is awake.", "label": "contradiction"}]
+    assert got.fields == {"text": "premise", "text_pair": "hypothesis", "label": "Label"}  # case-insensitive
+    got = load_examples(str(path), "classify", {"text": "hypothesis", "text_pair": None, "label": "note"})
+    assert got.rows[0]["text"] == "A man is awake." and got.rows[0]["label"] == "n1"
+
+
+def test_classify_float_scores(tmp_path):
+    path = jsonl(tmp_path / "sts.jsonl", {"sentence1": "a", "sentence2": "b", "score": 3.8})
+    assert load_examples(str(path), "classify").rows[0]["label"] == 3.8
+
+
+# ------------------------------------------------------------------------------------------- qa
+
+def test_qa_answer_shapes(tmp_path):
+    ctx = "Ada Lovelace wrote the first program in 1843."
+    path = jsonl(tmp_path / "qa.jsonl",
+                 {"id": "a", "question": "Who?", "context": ctx, "answers": {"text": ["Ada Lovelace"],
+                                                                             "answer_start": [0]}},
+                 {"id": 7, "question": "When?", "context": ctx, "answers": [{"text": "1843", "answer_start": 40}]},
+                 {"question": "Why?", "context": ctx, "answers": {"text": [], "answer_start": []}})
+    got = load_examples(str(path), "qa")
+    assert [r["id"] for r in got.rows] == ["a", "7", "3"]  # no id: the line number
+    assert got.rows[1]["answers"] == {"text": ["1843"], "answer_start": [40]}
+    assert got.rows[2]["answers"] == {"text": [], "answer_start": []}
+
+    scalar = jsonl(tmp_path / "scalar.jsonl",
+                   {"query": "What?", "passage": ctx, "answer": "first program", "answer_start": 23},
+                   {"query": "Who?", "passage": ctx, "answer": "Lovelace", "answer_start": None},
+                   {"query": "How?", "passage": ctx, "answer": ""})
+    got = load_examples(str(scalar), "qa")
+    assert [r["answers"]["answer_start"] for r in got.rows] == [[23], [4], []]
+    assert got.fields["question"] == "query" and got.fields["answers"] == "answer"
+
+
+def test_qa_answer_errors(tmp_path):
+    ctx = "Ada Lovelace wrote the first program."
+    path = jsonl(tmp_path / "qa.jsonl", {"question": "Who?", "context": ctx, "answers": "Babbage"})
+    assert_has(error(str(path), "qa"), "qa.jsonl:1:", "'answers'", "'Babbage' does not occur in the context")
+    path = jsonl(tmp_path / "qa.jsonl", {"question": "Who?", "context": ctx, "answers": 3})
+    assert_has(error(str(path), "qa"), "qa.jsonl:1:", "'answers'", "got a number")
+    path = jsonl(tmp_path / "qa.jsonl", {"id": "x", "question": "Who?", "context": ctx, "answers": []},
+                 {"id": "x", "question": "Who?", "context": ctx, "answers": []})
+    assert_has(error(str(path), "qa"), "qa.jsonl:2:", "duplicate id 'x' (first at line 1)")
+    path = jsonl(tmp_path / "qa.jsonl", {"question": "Who?", "body": ctx, "answers": []})
+    assert_has(error(str(path), "qa"), "qa.jsonl:1:", "no context field", "--context-field",
+               "fields: question, body, answers")
+
+
+# ------------------------------------------------------------------------------------------- sft
+
+SFT_USER_ASSISTANT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+
+
+@pytest.mark.parametrize("obj, fields", [
+    ({"messages": SFT_USER_ASSISTANT}, {"messages": "messages"}),
+    ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+     {"messages": "conversations"}),
+    ({"prompt": "Hi", "response": "Hello!"}, {"prompt": "prompt", "response": "response"}),
+    ({"prompt": "Hi", "completion": "Hello!"}, {"prompt": "prompt", "response": "completion"}),
+    ({"question": "Hi", "answer": "Hello!"}, {"prompt": "question", "response": "answer"}),
+    ({"input": "Hi", "output": "Hello!"}, {"prompt": "input", "response": "output"}),
+    ({"instruction": "Hi", "input": "", "output": "Hello!"},
+     {"prompt": "instruction", "response": "output", "input": "input"}),
+])
+def test_sft_shapes(tmp_path, obj, fields):
+    got = load_examples(str(jsonl(tmp_path / "s.jsonl", obj)), "sft")
+    assert got.rows == [{"messages": SFT_USER_ASSISTANT}]
+    assert got.fields == fields
+
+
+def test_sft_alpaca_input_and_overrides(tmp_path):
+    path = jsonl(tmp_path / "a.jsonl", {"instruction": "Translate.", "input": "chat", "output": "cat", "alt": "x"})
+    got = load_examples(str(path), "sft")
+    assert got.rows[0]["messages"] == [{"role": "user", "content": "Translate.\n\nchat"},
+                                       {"role": "assistant", "content": "cat"}]
+    got = load_examples(str(path), "sft", {"prompt": "input", "response": "alt"})
+    assert got.rows[0]["messages"][1]["content"] == "x"
+
+
+def test_sft_errors(tmp_path):
+    path = jsonl(tmp_path / "s.jsonl", {"messages": [{"role": "user", "content": "Hi"}]})
+    assert_has(error(str(path), "sft"), "s.jsonl:1:", "'messages'", "no assistant turn")
+    path = jsonl(tmp_path / "s.jsonl", {"messages": [{"role": "assistent", "content": "Hi"}]})
+    assert_has(error(str(path), "sft"), "s.jsonl:1:", "'messages'[0]", "did you mean 'assistant'")
+    path = jsonl(tmp_path / "s.jsonl", {"prompt": "Hi", "reply": "Yo"})
+    assert_has(error(str(path), "sft"), "s.jsonl:1:", "no response field", "--response-field", "reply")
+
+
+# ------------------------------------------------------------------------------------------- translate
+
+def test_translate_language_fields(tmp_path):
+    path = jsonl(tmp_path / "t.jsonl", {"id": "Gen.1.1", "en": "In the beginning", "es": "En el principio"})
+    got = load_examples(str(path), "translate")
+    assert got.rows == [{"source": "In the beginning", "target": "En el principio"}]
+    assert got.fields["source"] == "en" and got.fields["target"] == "es"  # the file's order, recorded
+    assert got.fields["order"] == "file"
+    got = load_examples(str(path), "translate", {"source": "es", "target": "en"})
+    assert got.rows[0]["source"] == "En el principio" and "order" not in got.fields
+    got = load_examples(str(path), "translate", {"source": "es"})  # the other language is the target
+    assert got.fields["target"] == "en"
+
+
+def test_translate_nested_and_named(tmp_path):
+    path = jsonl(tmp_path / "t.jsonl", {"translation": {"zh-cn": "你好", "en": "hello"}})
+    got = load_examples(str(path), "translate")
+    assert got.rows == [{"source": "你好", "target": "hello"}]
+    assert got.fields["source_lang"] == "zh-cn" and got.fields["nested"] == "translation"
+    path = jsonl(tmp_path / "t2.jsonl", {"src": "a", "tgt": "b"})
+    assert load_examples(str(path), "translate").fields == {"source": "src", "target": "tgt"}
+
+
+def test_translate_errors(tmp_path):
+    path = jsonl(tmp_path / "t.jsonl", {"en": "a", "es": "b", "fr": "c"})
+    assert_has(error(str(path), "translate"), "t.jsonl:1:", "en, es, fr", "--source-field", "--target-field")
+    path = jsonl(tmp_path / "t.jsonl", {"english": "a"})
+    assert_has(error(str(path), "translate"), "t.jsonl:1:", "no source field", "--source-field", "english")
+    path = jsonl(tmp_path / "t.jsonl", {"en": "a", "es": "b"}, {"en": "c", "es": ["d"]})
+    assert_has(error(str(path), "translate"), "t.jsonl:2:", "'es'", "must be a string, got a list")
+
+
+# ------------------------------------------------------------------------------------------- built-ins
+
+def test_builtin_names_and_splits():
+    assert BUILTIN_SETS["lmforge_qa"] == "qa"
+    path, name = resolve_data("rotten_tomatoes:test")
+    assert name == "rotten_tomatoes:test" and path.name == "test.jsonl.gz"
+    assert resolve_data("rotten_tomatoes", split="validation")[1] == "rotten_tomatoes:validation"
+    assert resolve_data("bible_en_es:dev")[1] == "bible_en_es:validation"
+    got = load_examples("rotten_tomatoes:test", "classify")
+    assert len(got) > 100 and got.source == "rotten_tomatoes:test" and got.fields["label"] == "label"
+    assert {r["label"] for r in got.rows} == {0, 1}
+
+
+def test_builtin_errors(tmp_path):
+    with pytest.raises(LmforgeError, match="did you mean 'rotten_tomatoes'"):
+        resolve_data("roten_tomatoes:test")
+    with pytest.raises(LmforgeError, match="unknown split 'tset'.*did you mean 'test'"):
+        resolve_data("rotten_tomatoes:tset")
+    with pytest.raises(LmforgeError, match="no such file"):
+        resolve_data(str(tmp_path / "missing.jsonl"))
+    assert_has(error("rotten_tomatoes", "translate"), "rotten_tomatoes:train", "classify", "bible_en_es")
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+def test_malformed_json_line(tmp_path):
+    path = write(tmp_path / "d.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": \n')
+    assert_has(error(str(path), "classify"), "d.jsonl:2:", "invalid JSON")
+    path = write(tmp_path / "d.json", '[\n  {"text": "a",\n   "label" 1}\n]')
+    assert_has(error(str(path), "classify"), "d.json:3:12:", "invalid JSON", "':'")
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.csv"])
+def test_non_utf8_names_line_and_column(tmp_path, name):
+    body = (b'{"text": "ok", "label": 1}\n{"text": "caf\xe9", "label": 0}\n' if name.endswith("jsonl")
+            else b"text,label\nok,1\ncaf\xe9,0\n")
+    path = write(tmp_path / name, body)
+    line_col = ":2:14:" if name.endswith("jsonl") else ":3:4:"
+    assert_has(error(str(path), "classify", skip_bad_rows=True), name + line_col, "not valid UTF-8")
+
+
+def test_missing_field_lists_fields_and_option(tmp_path):
+    path = jsonl(tmp_path / "d.jsonl", {"sentence": "a", "lbl": 1})
+    assert_has(error(str(path), "classify"), "d.jsonl:1:", "no label field", "fields: sentence, lbl",
+               "--label-field")
+    assert_has(error(str(path), "classify", {"text": "sentense"}), "d.jsonl:1:", "no field 'sentense'",
+               "did you mean 'sentence'", "--text-field")
+    path = jsonl(tmp_path / "d.jsonl", {"text": "a", "label": 1}, {"txt": "b", "label": 0})
+    assert_has(error(str(path), "classify"), "d.jsonl:2:", "no field 'text'", "did you mean 'txt'", "--text-field")
+
+
+def test_empty_text_wrong_type_and_empty_file(tmp_path):
+    path = jsonl(tmp_path / "d.jsonl", {"text": "a", "label": 1}, {"text": "  ", "label": 1})
+    assert_has(error(str(path), "classify"), "d.jsonl:2:", "field 'text' is empty")
+    path = jsonl(tmp_path / "d.jsonl", {"text": "a", "label": [0, 1]})
+    assert_has(error(str(path), "classify"), "d.jsonl:1:", "'label'", "got a list", "multi-label")
+    path = jsonl(tmp_path / "d.jsonl", {"text": 5, "label": 1})
+    assert_has(error(str(path), "classify"), "d.jsonl:1:", "'text' must be a string, got a number")
+    path = write(tmp_path / "empty.jsonl", "\n\n")
+    assert_has(error(str(path), "classify"), "empty.jsonl", "no examples")
+    path = write(tmp_path / "empty.csv", "text,label\n")
+    assert_has(error(str(path), "classify"), "empty.csv", "no examples")
+
+
+def test_unknown_task_role_and_file_type(tmp_path):
+    path = jsonl(tmp_path / "d.jsonl", {"text": "a", "label": 1})
+    assert_has(error(str(path), "clasify"), "unknown task 'clasify'", "did you mean 'classify'")
+    assert_has(error(str(path), "classify", {"lable": "label"}), "unknown field role 'lable'",
+               "did you mean 'label'")
+    path = write(tmp_path / "d.xml", "<x/>")
+    assert_has(error(str(path), "classify"), "d.xml", "unsupported file type")
+
+
+def test_skip_bad_rows_reports_each(tmp_path):
+    path = write(tmp_path / "d.jsonl", "\n".join([
+        '{"text": "a", "label": 1}', "{oops", '[1, 2]', '{"text": "", "label": 0}', '{"text": "b"}',
+        '{"text": "c", "label": 0}']) + "\n")
+    got = load_examples(str(path), "classify", skip_bad_rows=True)
+    assert [r["text"] for r in got.rows] == ["a", "c"] and got.line_numbers == [1, 6]
+    assert [s.split(": ", 1)[0] for s in got.skipped] == [f"{path}:{n}" for n in (2, 3, 4, 5)]
+    assert_has(got.skipped[0], "invalid JSON")
+    assert_has(got.skipped[3], "no field 'label'", "--label-field")
+    path = write(tmp_path / "bad.jsonl", '{"text": "", "label": 0}\n{oops\n')
+    assert_has(error(str(path), "classify", skip_bad_rows=True), "no examples left after skipping 2 bad rows")
+
+
+# ------------------------------------------------------------------------------------------- labels
+
+@pytest.mark.parametrize("train, other, expected", [
+    ([1, 0, 1, 2], None, ([0, 1, 2], False)),
+    (["pos", "neg"], None, (["neg", "pos"], False)),
+    ([True, False], None, ([False, True], False)),
+    ([1.0, 0.0, 1.0], None, ([0.0, 1.0], False)),
+    ([0.5, 3.8, 2.0], None, ([], True)),
+    ([1, 2.5], None, ([], True)),
+    ([1.0, 2.0], {"validation": [3.5]}, ([], True)),
+    ([1, 2], {"validation": ["x"]}, ([1, 2], False)),
+])
+def test_build_label_map(train, other, expected):
+    assert build_label_map(train, other) == expected
+
+
+def test_build_label_map_needs_two_classes():
+    with pytest.raises(LmforgeError, match="single label 'pos'"):
+        build_label_map(["pos", "pos"])
+
+
+def test_unseen_validation_label(tmp_path):
+    check_labels(["neg", "pos"], ["neg", "pos"], "val.jsonl", [1, 2])
+    with pytest.raises(LmforgeError) as exc:
+        check_labels(["neg", "postive", "meh"], ["neg", "pos"], "val.jsonl", [1, 4, 7])
+    assert_has(str(exc.value), "val.jsonl:4:", "label 'postive' never seen in training",
+               "did you mean 'pos'", "training labels: 'neg', 'pos'", "1 more")
+
+
+def test_holdout_is_deterministic_and_keeps_duplicates_together():
+    rows = [{"text": f"t{i % 50}", "label": i % 2} for i in range(100)]  # every row appears twice
+    lines = list(range(1, 101))
+    train, val = holdout(rows, lines)
+    assert (train, val) == holdout(rows, lines)
+    assert sorted(train + val) == list(range(100)) and not set(train) & set(val)
+    assert 10 <= len(val) <= 11
+    val_texts = {rows[i]["text"] for i in val}
+    assert not val_texts & {rows[i]["text"] for i in train}
+    assert holdout(rows, lines, seed=1) != (train, val)
+    assert len(holdout(rows, lines, fraction=0.5, max_rows=4)[1]) in (4, 5)
+    with pytest.raises(LmforgeError, match="--validation"):
+        holdout(rows[:1], lines[:1])
+
+
+def test_empty_json_file(tmp_path):
+    assert_has(error(str(write(tmp_path / "e.json", "  \n")), "classify"), "e.json", "no examples")
+    assert_has(error(str(write(tmp_path / "l.json", "[]")), "classify"), "l.json", "no examples")

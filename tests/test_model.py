@@ -1,0 +1,156 @@
+"""The native Llama model: same logits as Hugging Face's LlamaForCausalLM, and a correct KV cache."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmforge.model.causal import load_causal_lm
+from lmforge.model.llama import LlamaLM, ModelConfig
+
+ATOL = 1e-4
+
+
+def hf_model(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+def random_ids(vocab: int, shape, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def native(tiny_run):
+    model = load_causal_lm(tiny_run.final).eval()
+    assert isinstance(model, LlamaLM)
+    return model
+
+
+def test_exported_config_is_plain_llama(tiny_run):
+    cfg = json.loads((tiny_run.final / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    assert cfg["model_type"] == "llama"
+    assert cfg["tie_word_embeddings"] is True
+    assert cfg["hidden_size"] == 32 and cfg["num_hidden_layers"] == 2 and cfg["num_attention_heads"] == 2
+    assert cfg["max_position_embeddings"] == 64 and cfg["vocab_size"] == 512
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_run.final / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "lm_head.weight" not in keys  # tied: stored once, as the embedding
+    assert "model.embed_tokens.weight" in keys and "model.layers.1.self_attn.k_proj.weight" in keys
+
+
+def test_logits_match_transformers(tiny_run, native):
+    hf = hf_model(tiny_run.final)
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()  # tied in HF too
+    x = random_ids(512, (2, 64), seed=1)
+    with torch.no_grad():
+        ours, theirs = native(x), hf(input_ids=x).logits
+    assert ours.shape == theirs.shape == (2, 64, 512)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    assert ours.std() > 1e-2  # the comparison is not between two near-zero tensors
+
+
+def test_trained_weights_differ_from_init(tiny_run, native):
+    """The saved model is the trained one (a fresh init with the same seed would give other logits)."""
+    torch.manual_seed(1337)
+    fresh = LlamaLM(native.cfg).eval()
+    x = random_ids(512, (1, 16))
+    with torch.no_grad():
+        assert not torch.allclose(fresh(x), native(x), atol=1e-3)
+
+
+def _randomized(cfg: ModelConfig, seed: int = 0) -> LlamaLM:
+    """A model whose every weight (norms included) is random and large, so any mis-mapped tensor shows."""
+    torch.manual_seed(seed)
+    model = LlamaLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.15)
+    return model
+
+
+@pytest.mark.parametrize("n_head,n_kv_head,tie", [(4, 2, True), (4, 1, False), (2, 2, False)])
+def test_gqa_and_untied_match_transformers(tmp_path, n_head, n_kv_head, tie):
+    cfg = ModelConfig(vocab_size=97, n_layer=2, n_head=n_head, n_kv_head=n_kv_head, n_embd=32, max_seq_len=32,
+                      tie_embeddings=tie, rope_theta=500.0, bos_token_id=0, eos_token_id=0)
+    model = _randomized(cfg, seed=n_kv_head)
+    model.save_hf(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["num_key_value_heads"] == n_kv_head and saved["tie_word_embeddings"] is tie
+    hf = hf_model(tmp_path)
+    assert hf.config.num_key_value_heads == n_kv_head
+    x = random_ids(97, (3, 32), seed=2)
+    with torch.no_grad():
+        ours, theirs = model(x), hf(input_ids=x).logits
+    assert ours.abs().max() > 0.5
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=1e-5)
+    # ... and it reads back into the native model unchanged.
+    back = load_causal_lm(tmp_path).eval()
+    assert back.cfg.n_kv_head == n_kv_head and back.cfg.tie_embeddings is tie
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), ours, atol=0, rtol=0)
+
+
+def test_invalid_gqa_config():
+    with pytest.raises(ValueError, match="multiple of n_kv_head"):
+        ModelConfig(n_head=4, n_kv_head=3, n_embd=32)
+
+
+def _cached_logits(model, ids: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+    """Logits from feeding `ids` through the KV cache in pieces of the given sizes."""
+    cache = model.new_cache(ids.shape[0], ids.shape[1])
+    out, pos = [], 0
+    for n in chunks:
+        out.append(model(ids[:, pos:pos + n], cache))
+        pos += n
+    assert pos == ids.shape[1] and cache.pos == pos
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("chunks", [[1] * 24, [10] + [1] * 14, [5, 7, 1, 1, 10], [24]],
+                         ids=["token-by-token", "prefill+decode", "mixed-chunks", "one-shot"])
+def test_kv_cache_matches_full_forward(native, chunks):
+    ids = random_ids(512, (2, 24), seed=3)
+    with torch.no_grad():
+        full = native(ids)
+        inc = _cached_logits(native, ids, chunks)
+    torch.testing.assert_close(inc, full, atol=ATOL, rtol=1e-5)
+
+
+def test_kv_cache_gqa_matches_full_forward():
+    model = _randomized(ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, max_seq_len=32))
+    ids = random_ids(64, (1, 20), seed=4)
+    with torch.no_grad():
+        full = model(ids)
+        torch.testing.assert_close(_cached_logits(model, ids, [6] + [1] * 10 + [4]), full, atol=ATOL, rtol=1e-5)
+
+
+def test_greedy_generation_equals_argmax_of_full_forward(native):
+    """generate_ids (KV cache) at temperature 0 picks the same tokens as re-running the whole sequence."""
+    from lmforge.generate.sampling import generate_ids
+
+    prompt = random_ids(512, (1, 5), seed=5)[0].tolist()
+    got = list(generate_ids(native, prompt, max_new_tokens=10, temperature=0.0, stop_ids=()))
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(10):
+            seq.append(int(native(torch.tensor([seq]))[0, -1].argmax()))
+    assert got == seq[len(prompt):]
+
+
+def test_rope_grows_past_max_seq_len():
+    """A window longer than max_seq_len still runs (RoPE tables are extended), matching the cached path."""
+    model = _randomized(ModelConfig(vocab_size=50, n_layer=1, n_head=2, n_kv_head=2, n_embd=16, max_seq_len=8))
+    ids = random_ids(50, (1, 12), seed=6)
+    with torch.no_grad():
+        full = model(ids)
+        torch.testing.assert_close(_cached_logits(model, ids, [4, 4, 4]), full, atol=ATOL, rtol=1e-5)

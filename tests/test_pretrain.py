@@ -1,0 +1,191 @@
+"""`lmforge pretrain`: outputs, the token cache, exact resume, continued pretraining and --max-minutes."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import cli, metrics_rows, token_cache_entries
+
+# A fast run that reuses the session tokenizer (no tokenizer training).
+FAST = ["--size", "tiny", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--context", "32",
+        "--batch-size", "2", "--no-progress", "--eval-tokens", "128", "--sample-tokens", "0"]
+
+
+def fast_args(tiny_run, out, *extra):
+    return ["pretrain", "--data", tiny_run.corpus, "--out", out, "--tokenizer", tiny_run.tokenizer, *FAST, *extra]
+
+
+def test_outputs(tiny_run):
+    out = tiny_run.out
+    final = tiny_run.final
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "lmforge_config.yaml"):
+        assert (final / name).is_file(), name
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    assert (out / "config.yaml").is_file()
+    assert yaml.safe_load((final / "lmforge_config.yaml").read_text())["max_steps"] == 6
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 6
+    assert math.isfinite(metrics["val_bits_per_byte"]) and metrics["val_bits_per_byte"] > 0
+    for key in ("initial_val_loss", "initial_val_perplexity", "initial_val_bits_per_byte"):
+        assert metrics[key] is not None and math.isfinite(metrics[key]), key
+    assert metrics["val_perplexity"] == pytest.approx(math.exp(metrics["val_loss"]), rel=1e-6)
+    # 6 steps of training on Shakespeare already beat the random init.
+    assert metrics["val_loss"] < metrics["initial_val_loss"]
+    # A random init is close to uniform over the vocabulary.
+    assert metrics["initial_val_loss"] == pytest.approx(math.log(512), abs=0.3)
+    assert metrics["tokens_seen"] == 6 * 4 * 64
+    assert metrics["final_model"] == str(final)
+    assert isinstance(metrics["sample"], str) and metrics["sample"]
+
+    rows = metrics_rows(out)
+    val_steps = [r["step"] for r in rows if "val_loss" in r]
+    assert val_steps[0] == 0 and val_steps[-1] == 6
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert any(r.get("step") == 6 and "loss" in r for r in rows)
+
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    assert 1 <= len(ckpts) <= 2  # --keep-checkpoints 2 (default)
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert (out / "checkpoints" / latest / "lmforge_state" / "trainer.pt").is_file()
+    assert (out / "checkpoints" / latest / "lmforge_state" / "config.yaml").is_file()
+    assert (out / "checkpoints" / latest / "model.safetensors").is_file()
+    state = torch.load(out / "checkpoints" / latest / "lmforge_state" / "trainer.pt", weights_only=True)
+    assert state["step"] == int(latest.split("-")[1]) and state["max_steps"] == 6
+
+    png = (out / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    assert not list(out.glob(".tmp-*")) and not list(out.glob(".old-*"))
+
+
+def test_token_cache_is_reused(tmp_path, tiny_run):
+    first_cache = re.search(r"\(cache (\S+)\)", tiny_run.stdout).group(1)
+    meta_path = Path(first_cache) / "meta.json"
+    before_meta = meta_path.read_text()
+    before_mtime = meta_path.stat().st_mtime_ns
+    entries = token_cache_entries()
+    assert Path(first_cache).name in entries
+
+    res = cli(*fast_args(tiny_run, tmp_path / "again", "--max-steps", "1"))
+    assert res.code == 0, res.err
+    assert re.search(r"\(cache (\S+)\)", res.out).group(1) == first_cache
+    assert token_cache_entries() == entries  # no new entry
+    assert meta_path.read_text() == before_meta and meta_path.stat().st_mtime_ns == before_mtime
+    assert "training a byte-level BPE tokenizer" not in res.out  # --tokenizer given
+
+
+def test_token_cache_invalidated_by_new_text(tmp_path, tiny_run):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(tiny_run.corpus.read_text()[:20_000], encoding="utf-8")
+    before = set(token_cache_entries())
+    args = ["pretrain", "--data", corpus, "--out", tmp_path / "r", "--tokenizer", tiny_run.tokenizer, *FAST,
+            "--max-steps", "1"]
+    assert cli(*args).code == 0
+    after = set(token_cache_entries())
+    assert len(after - before) == 1
+    # Same file, new content: a fresh entry, not stale tokens.
+    corpus.write_text(tiny_run.corpus.read_text()[20_000:45_000], encoding="utf-8")
+    assert cli(*args).code == 0
+    assert len(set(token_cache_entries()) - after) == 1
+
+
+def _curve(out):
+    rows = metrics_rows(out)
+    train = [(r["step"], r["loss"], r["lr"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"], r["val_bpb"]) for r in rows if "val_loss" in r]
+    return train, val
+
+
+def test_resume_is_exact(tmp_path, tiny_run):
+    common = ["--max-steps", "8", "--eval-interval", "2", "--log-interval", "1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli(*fast_args(tiny_run, a, *common)).code == 0
+
+    res = cli(*fast_args(tiny_run, b, *common, "--stop-after-steps", "4"))
+    assert res.code == 0, res.err
+    assert "stopped at step 4" in res.out
+    assert not (b / "final").exists()
+    assert (b / "checkpoints" / "latest").read_text().strip() == "step-000004"
+
+    res = cli("pretrain", "--out", b, "--resume")  # the saved config supplies everything else
+    assert res.code == 0, res.err
+    assert "resuming from" in res.out and "at step 4" in res.out
+
+    train_a, val_a = _curve(a)
+    train_b, val_b = _curve(b)
+    assert [s for s, *_ in train_a] == list(range(1, 9))
+    assert [s for s, *_ in val_a] == [0, 2, 4, 6, 8]
+    assert [s for s, *_ in train_b] == [s for s, *_ in train_a]  # no duplicated or missing rows
+    assert [s for s, *_ in val_b] == [s for s, *_ in val_a]
+    for ra, rb in zip(train_a + val_a, train_b + val_b):
+        assert ra[0] == rb[0]
+        assert ra[1:] == pytest.approx(rb[1:], abs=1e-6, rel=1e-6), (ra, rb)
+
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    for key in ("steps", "tokens_seen"):
+        assert ma[key] == mb[key]
+    for key in ("val_loss", "initial_val_loss", "final_train_loss"):
+        assert ma[key] == pytest.approx(mb[key], abs=1e-6), key
+
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "final" / "model.safetensors")), load_file(str(b / "final" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_resume_of_a_finished_run_is_harmless(tmp_path, tiny_run):
+    """--resume after the run completed trains no further steps and keeps the log consistent."""
+    out = tmp_path / "r"
+    assert cli(*fast_args(tiny_run, out, "--max-steps", "2", "--eval-interval", "1", "--save-interval", "1",
+                          "--log-interval", "1")).code == 0
+    rows_before = [r for r in metrics_rows(out) if "loss" in r]
+    res = cli("pretrain", "--out", out, "--resume")
+    assert res.code == 0, res.err
+    rows_after = [r for r in metrics_rows(out) if "loss" in r]
+    assert [r["step"] for r in rows_after] == [r["step"] for r in rows_before]
+
+
+def test_init_from_continues_training(tmp_path, tiny_run, other_corpus_file):
+    out = tmp_path / "cont"
+    res = cli("pretrain", "--data", other_corpus_file, "--out", out, "--init-from", tiny_run.final,
+              "--max-steps", "3", "--batch-size", "2", "--no-progress", "--eval-tokens", "256",
+              "--sample-tokens", "0", "--precision", "fp32")
+    assert res.code == 0, res.err
+    assert "training a byte-level BPE tokenizer" not in res.out  # the model's own tokenizer is used
+    assert "(before:" in res.out
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("initial_val_perplexity", "val_perplexity"):
+        assert math.isfinite(metrics[key]), key
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["lr"] == pytest.approx(1e-4)  # the continued-pretraining default
+    assert saved["context"] == 64  # the model's context
+    cfg = json.loads((out / "final" / "config.json").read_text())
+    assert cfg["hidden_size"] == 32 and cfg["vocab_size"] == 512
+    # The starting point is the given model: its score on this text equals the step-0 evaluation.
+    ev = cli("evaluate", "--model", tiny_run.final, "--data", other_corpus_file, "--split", "val",
+             "--max-tokens", "256", "--batch-size", "2")
+    assert ev.code == 0, ev.err
+    assert json.loads(ev.out)["loss"] == pytest.approx(metrics["initial_val_loss"], abs=1e-4)
+
+
+def test_max_minutes_sets_the_step_count(tmp_path, tiny_run):
+    out = tmp_path / "timed"
+    res = cli(*fast_args(tiny_run, out, "--max-minutes", "0.05", "--batch-size", "1", "--context", "16"))
+    assert res.code == 0, res.err
+    m = re.search(r"0\.05 minutes is about (\d+) steps", res.out)
+    assert m, res.out
+    steps = int(m.group(1))
+    assert steps >= 10
+    assert yaml.safe_load((out / "config.yaml").read_text())["max_steps"] == steps
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 1 <= metrics["steps"] <= steps
+    assert (out / "final" / "model.safetensors").is_file()

@@ -1,0 +1,239 @@
+"""SFT task: assistant-only labels (single and multi-turn, prompt/response rows), template installation
+for tokenizers without one, evaluation, and a tiny fine-tuned model that learns to stop."""
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import torch
+
+from lmforge.data.labelled import Loaded, load_examples
+from lmforge.recipes.finetune import FinetuneConfig
+from lmforge.tasks.sft import SFTTask, encode_conversation, generate_reply
+
+TEXT = ("The quick brown fox jumps over the lazy dog. Hello world, how are you today? I am fine, thanks.\n"
+        "What is the capital of France? Paris is the capital. Two plus two is four. Blue is a color.\n"
+        "Tell me a joke. Why did the chicken cross the road? To get to the other side.\n") * 30
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU a second thread can stall each op."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    from lmforge.tokenizer.bpe import train_bpe
+
+    path = tmp_path_factory.mktemp("sft_tok")
+    train_bpe([TEXT], 400, path)
+    return path
+
+
+def _tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _plain_tokenizer():
+    """A byte-level BPE with only an EOS special token: no ChatML tokens, no chat template, no pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+
+
+def _task(tokenizer, rows, **kw) -> tuple[SFTTask, Loaded]:
+    task = SFTTask(FinetuneConfig(task="sft", **kw))
+    loaded = Loaded(rows=rows, source="chats.jsonl", line_numbers=list(range(1, len(rows) + 1)))
+    task.prepare(tokenizer, loaded, {})
+    return task, loaded
+
+
+def _labelled(tokenizer, feat) -> str:
+    return tokenizer.decode([t for t in feat["labels"] if t != -100])
+
+
+def _chat(user, reply):
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}
+
+
+def test_labels_cover_exactly_the_assistant_reply(tok_dir):
+    tok = _tokenizer(tok_dir)
+    task, loaded = _task(tok, [_chat("What is the capital of France?", "Paris is the capital.")])
+    assert task.chat["end_of_turn"] == "<|im_end|>" and tok.eos_token == "<|im_end|>"
+    assert tok.pad_token == "<|pad|>"  # kept: the tokenizer has one
+    (f,) = task.features(loaded, train=True)
+    assert len(f["input_ids"]) == len(f["labels"]) == len(f["attention_mask"])
+    assert _labelled(tok, f) == "Paris is the capital.<|im_end|>"
+    # labelled positions are a contiguous run equal to the input ids there, ending with <|im_end|>
+    pos = [i for i, t in enumerate(f["labels"]) if t != -100]
+    assert pos == list(range(pos[0], pos[-1] + 1))
+    assert all(f["labels"][i] == f["input_ids"][i] for i in pos)
+    assert f["input_ids"][pos[-1]] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.decode(f["input_ids"][:pos[0]]).endswith("<|im_start|>assistant\n")
+
+
+def test_multi_turn_masks_every_assistant_turn_and_nothing_else(tok_dir):
+    tok = _tokenizer(tok_dir)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world"},
+            {"role": "assistant", "content": "Hello, how are you?"}, {"role": "user", "content": "Tell me a joke."},
+            {"role": "assistant", "content": "Why did the chicken cross the road?"}]
+    task, loaded = _task(tok, [{"messages": msgs}])
+    (f,) = task.features(loaded, train=True)
+    assert _labelled(tok, f) == "Hello, how are you?<|im_end|>Why did the chicken cross the road?<|im_end|>"
+    unlabelled = tok.decode([t for t, lab in zip(f["input_ids"], f["labels"]) if lab == -100])
+    assert "Be brief." in unlabelled and "Tell me a joke." in unlabelled and "Hello world" in unlabelled
+    assert "chicken" not in unlabelled
+
+
+def test_prompt_response_and_alpaca_rows(tok_dir, tmp_path):
+    tok = _tokenizer(tok_dir)
+    path = tmp_path / "alpaca.jsonl"
+    rows = [{"instruction": "Tell me a joke.", "input": "", "output": "To get to the other side."},
+            {"instruction": "Add the numbers.", "input": "two plus two", "output": "Four."}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = SFTTask(FinetuneConfig(task="sft"))
+    loaded = load_examples(str(path), "sft", task.fields())
+    task.prepare(tok, loaded, {})
+    feats = task.features(loaded, train=True)
+    assert [_labelled(tok, f) for f in feats] == ["To get to the other side.<|im_end|>", "Four.<|im_end|>"]
+    assert "two plus two" in tok.decode(feats[1]["input_ids"])
+    # explicit prompt/response field names
+    path2 = tmp_path / "pairs.jsonl"
+    path2.write_text(json.dumps({"q": "Blue is?", "a": "A color."}) + "\n")
+    task2 = SFTTask(FinetuneConfig(task="sft", prompt_field="q", response_field="a"))
+    loaded2 = load_examples(str(path2), "sft", task2.fields())
+    task2.prepare(tok, loaded2, {})
+    assert _labelled(tok, task2.features(loaded2, train=True)[0]) == "A color.<|im_end|>"
+
+
+def test_plain_template_installed_without_chat_tokens():
+    tok = _plain_tokenizer()
+    assert tok.chat_template is None and tok.pad_token is None
+    task, loaded = _task(tok, [_chat("Hello world", "I am fine, thanks.")])
+    assert "### Assistant:" in tok.chat_template and task.chat["end_of_turn"] == "</s>"
+    assert tok.pad_token == "</s>" and tok.eos_token == "</s>"
+    (f,) = task.features(loaded, train=True)
+    assert tok.decode(f["input_ids"]) == "### User:\nHello world\n\n### Assistant:\nI am fine, thanks.</s>\n\n"
+    assert _labelled(tok, f) == "I am fine, thanks.</s>"
+    assert task.config_extras()["chat_template"] == tok.chat_template
+
+
+def test_end_token_appended_when_the_template_writes_none():
+    tok = _plain_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    task, loaded = _task(tok, [{"messages": [{"role": "user", "content": "Hello"},
+                                             {"role": "assistant", "content": "Blue is a color."},
+                                             {"role": "user", "content": "Two plus two?"},
+                                             {"role": "assistant", "content": "Four."}]}])
+    assert task.chat["end_of_turn"] == "</s>"
+    (f,) = task.features(loaded, train=True)
+    assert _labelled(tok, f) == "Blue is a color.</s>Four.</s>"
+    assert tok.decode(f["input_ids"]).count("</s>") == 2
+
+
+def test_truncation_drops_examples_without_a_reply(tok_dir):
+    tok = _tokenizer(tok_dir)
+    rows = [_chat("Hello world " * 20, "Fine."), _chat("Hi", "The quick brown fox jumps over the lazy dog.")]
+    task, loaded = _task(tok, rows, max_length=24)
+    feats = task.features(loaded, train=True)
+    assert task.dropped["chats.jsonl"] == 1 and len(feats) == 1
+    assert len(feats[0]["input_ids"]) <= 24 and any(t != -100 for t in feats[0]["labels"])
+
+
+def _tiny_llama(tok, path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                      pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(str(path))
+    return path
+
+
+PAIRS = [("What is the capital of France?", "Paris."), ("Tell me a joke.", "The chicken crossed the road."),
+         ("Two plus two?", "Four."), ("Hello world", "Hello, how are you?")]
+
+
+def test_fine_tuned_model_stops_and_evaluates(tok_dir, tmp_path):
+    tok = _tokenizer(tok_dir)
+    task, loaded = _task(tok, [_chat(p, r) for p, r in PAIRS], eval_samples=2, max_new_tokens=40)
+    model = task.load_model(_tiny_llama(tok, tmp_path / "base"))
+    end_id = tok.convert_tokens_to_ids("<|im_end|>")
+    assert model.generation_config.eos_token_id in (end_id, [end_id]) or end_id in model.generation_config.eos_token_id
+    feats = task.features(loaded, train=True)
+    batch = task.collate(feats)
+    assert batch["input_ids"].shape == batch["labels"].shape and batch["input_ids"].shape[1] % 8 == 0
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+    before = task.evaluate(model.eval(), loaded, contextlib.nullcontext, "cpu", 8)
+    assert set(before.metrics) == {"loss", "perplexity", "tokens", "n"} and before.metrics["n"] == 4
+    assert before.metrics["tokens"] == sum(sum(t != -100 for t in f["labels"]) for f in feats)
+    assert len(before.predictions) == 2 and set(before.predictions[0]) == {"prompt", "reference", "generated"}
+
+    torch.manual_seed(0)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(80):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    after = task.evaluate(model, loaded, contextlib.nullcontext, "cpu", 8)
+    assert after.metrics["loss"] < before.metrics["loss"] / 4
+    assert [p["generated"] for p in after.predictions] == [r for _, r in PAIRS[:2]]
+
+    prompt, response = PAIRS[1]
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    enc = tok(ids, add_special_tokens=False, return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=40, do_sample=False)
+    new = out[0, enc["input_ids"].shape[1]:].tolist()
+    assert len(new) < 40 and new[-1] == end_id  # stopped on its own, by the generation config alone
+    assert tok.decode(new, skip_special_tokens=True) == response
+    assert generate_reply(model, tok, [{"role": "user", "content": prompt}], max_new_tokens=40) == response
+
+
+def test_saved_tokenizer_keeps_template_and_eos(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = _plain_tokenizer()
+    task, _ = _task(tok, [_chat("Hi", "Hello.")])
+    tok.save_pretrained(str(tmp_path))
+    again = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert again.chat_template == tok.chat_template and again.eos_token == "</s>"
+    f = encode_conversation(again, _chat("Hi", "Hello.")["messages"], again.eos_token_id)
+    assert again.decode([t for t in f["labels"] if t != -100]) == "Hello.</s>"
+
+
+@pytest.mark.parametrize("variant", ["newline", "rewrite"])
+def test_templates_that_render_earlier_turns_differently(tok_dir, variant):
+    """Templates whose earlier turns are not token prefixes of the whole chat fall back to char offsets."""
+    tok = _tokenizer(tok_dir)
+    older = "'\\n\\n'" if variant == "newline" else "'\\n'"
+    mark = "''" if variant == "newline" else "'[old]\\n'"
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+        "{% if m['role'] == 'assistant' and not loop.last %}{{ " + mark + " }}{% endif %}"
+        "{{ m['content'] + '<|im_end|>' }}{% if loop.last %}{{ '\\n' }}{% else %}{{ " + older + " }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    msgs = [{"role": "user", "content": "Hello world"}, {"role": "assistant", "content": "Hello, how are you?"},
+            {"role": "user", "content": "Tell me a joke."}, {"role": "assistant", "content": "Blue is a color."}]
+    task, loaded = _task(tok, [{"messages": msgs}])
+    (f,) = task.features(loaded, train=True)
+    assert _labelled(tok, f) == "Hello, how are you?<|im_end|>Blue is a color.<|im_end|>"
