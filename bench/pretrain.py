@@ -9,7 +9,8 @@ config, the text cut into fixed blocks, `Trainer` with `labels = input_ids`. lmf
 `pretrain` recipe. Each measurement skips warm-up steps and times the rest; the sides alternate within
 each round so machine noise hits both. Reported:
   * equal precision: fp32 vs fp32 and bf16 vs bf16 (target: lmforge >= 1.1x);
-  * each side's defaults: lmforge (--precision auto = bf16 here) vs Trainer (fp32 on CPU) (target >= 2x);
+  * each side's defaults: lmforge (--precision auto = bf16 here, --compile auto = on for runs of 2+ minutes)
+    vs Trainer (fp32 on CPU, no compile) (target >= 2x);
   * lmforge fp32 MFU against the fp32 matmul peak measured here (target >= 0.75).
 Both sides run in this one process under the same allocator (tcmalloc when installed, as the lmforge CLI
 uses), so allocator differences do not count for lmforge.
@@ -54,13 +55,14 @@ def matmul_peak_gflops(dtype=torch.float32, repeats: int = 5) -> float:
     return best
 
 
-def run_lmforge(work: Path, tok_dir: Path, shape: dict, batch: int, precision: str, warmup: int, steps: int) -> float:
-    out = work / f"lmforge-{precision}"
+def run_lmforge(work: Path, tok_dir: Path, shape: dict, batch: int, precision: str, warmup: int, steps: int,
+                compile: str = "off") -> float:
+    out = work / f"lmforge-{precision}-{compile}"
     cfg = pretrain.PretrainConfig(
         data=["shakespeare"], out=str(out), tokenizer=str(tok_dir), size=shape["size"], n_layer=shape["n_layer"],
         n_head=shape["n_head"], n_embd=shape["n_embd"], context=shape["context"], batch_size=batch,
         max_steps=warmup + steps, precision=precision, log_interval=1, eval_interval=10 ** 6, eval_tokens=2048,
-        sample_tokens=0, save_interval=10 ** 6, progress=False, warmup_steps=1)
+        sample_tokens=0, save_interval=10 ** 6, progress=False, warmup_steps=1, compile=compile)
     pretrain.run(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "tokens_per_s" in r and r["step"] > warmup]
@@ -135,14 +137,17 @@ def main() -> None:
     peak = matmul_peak_gflops()
     print(f"fp32 matmul peak: {peak:.1f} GFLOP/s", flush=True)
 
-    results: dict[str, list[float]] = {k: [] for k in ("lmforge_fp32", "hf_fp32", "lmforge_bf16", "hf_bf16")}
+    keys = ("lmforge_fp32", "hf_fp32", "lmforge_bf16", "hf_bf16", "lmforge_bf16_compiled")
+    results: dict[str, list[float]] = {k: [] for k in keys}
     order = list(results)
     for r in range(a.rounds):
         for key in order[r % len(order):] + order[:r % len(order)]:  # rotate who goes first
-            side, prec = key.split("_")
-            fn = run_lmforge if side == "lmforge" else run_hf_trainer
-            arg = (work, tok_dir, shape) if side == "lmforge" else (work, model_cfg, blocks)
-            tps = fn(*arg, a.batch_size, prec, a.warmup, a.steps)
+            side, prec = key.split("_")[:2]
+            if side == "lmforge":
+                tps = run_lmforge(work, tok_dir, shape, a.batch_size, prec, a.warmup, a.steps,
+                                  "on" if key.endswith("compiled") else "off")
+            else:
+                tps = run_hf_trainer(work, model_cfg, blocks, a.batch_size, prec, a.warmup, a.steps)
             results[key].append(tps)
             print(f"round {r + 1}: {key:<13} {tps:8,.0f} tokens/s", flush=True)
 
@@ -154,14 +159,16 @@ def main() -> None:
         "tokens_per_s_median": {k: round(v, 1) for k, v in med.items()},
         "ratio_fp32": med["lmforge_fp32"] / med["hf_fp32"],
         "ratio_bf16": med["lmforge_bf16"] / med["hf_bf16"],
-        "ratio_defaults": med["lmforge_bf16"] / med["hf_fp32"],
+        "ratio_bf16_compiled": med["lmforge_bf16_compiled"] / med["hf_bf16"],
+        "ratio_defaults": med["lmforge_bf16_compiled"] / med["hf_fp32"],
         "fp32_matmul_peak_gflops": peak,
         "lmforge_fp32_gflops": med["lmforge_fp32"] * flops / 1e9,
         "mfu_fp32": med["lmforge_fp32"] * flops / 1e9 / peak,
         "hf_fp32_mfu": med["hf_fp32"] * flops / 1e9 / peak,
     }
     print(json.dumps(summary, indent=2))
-    print(f"\nlmforge / HF Trainer: fp32 {summary['ratio_fp32']:.2f}x (target 1.1x), bf16 {summary['ratio_bf16']:.2f}x, "
+    print(f"\nlmforge / HF Trainer: fp32 {summary['ratio_fp32']:.2f}x (target 1.1x), bf16 {summary['ratio_bf16']:.2f}x "
+          f"(compiled {summary['ratio_bf16_compiled']:.2f}x), "
           f"defaults {summary['ratio_defaults']:.2f}x (target 2x); lmforge fp32 MFU {summary['mfu_fp32']:.2f} "
           f"(target 0.75)")
     if a.json:

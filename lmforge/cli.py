@@ -24,6 +24,9 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "predict": ("lmforge.recipes.predict", "PredictConfig",
                 "run a fine-tuned model on new inputs: labels, answers, translations or replies (JSON lines)"),
     "generate": ("lmforge.recipes.generate", "GenerateConfig", "stream text from a causal LM"),
+    "chat": ("lmforge.recipes.chat", "ChatConfig", "interactive terminal chat with a causal LM (streams; /reset, /quit)"),
+    "serve": ("lmforge.recipes.serve", "ServeConfig",
+              "HTTP server: OpenAI-compatible completions/chat, classify, embeddings, answer, translate"),
     "models": ("lmforge.recipes.models", "ModelsConfig", "list the packaged model aliases and where they resolve"),
 }
 SUBVERBS = {"tokenizer": ["train"]}

@@ -156,3 +156,52 @@ def test_qa_end_to_end(tiny_bert, tmp_path):
     pred = cli("predict", "--model", out, "--question", "Who built it?", "--context", "Noah built the ark.")
     assert pred.code == 0, pred.err
     assert "answer" in json.loads(pred.out)
+
+
+def test_sft_end_to_end(tiny_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = [{"prompt": f"Say {w}.", "response": f"{w} {w}"} for w in ("king", "queen", "lord", "lady", "duke")] * 3
+    data = _write_jsonl(tmp_path / "chat.jsonl", rows)
+    out = tmp_path / "sft"
+    res = cli("finetune", "--task", "sft", "--model", tiny_run.final, "--train", data, "--validation", data,
+              "--out", out, "--max-steps", "3", "--batch-size", "4", "--no-progress", "--max-new-tokens", "8")
+    assert res.code == 0, res.err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["validation"]["perplexity"] > 1 and m["validation"]["loss"] > 0
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    assert tok.chat_template and tok.eos_token == "<|im_end|>"
+    AutoModelForCausalLM.from_pretrained(out / "final")
+    pred = cli("predict", "--model", out, "--text", "Say king.", "--max-new-tokens", "5")
+    assert pred.code == 0, pred.err
+    assert "reply" in json.loads(pred.out)
+
+
+def test_translate_seq2seq_end_to_end(tmp_path):
+    from transformers import AutoModelForSeq2SeqLM, T5Config, T5ForConditionalGeneration
+
+    from lmforge.tokenizer.bpe import train_bpe
+
+    pairs = [("the house", "la casa"), ("the dog", "el perro"), ("the cat", "el gato"), ("good day", "buen dia")]
+    model_dir = tmp_path / "t5"
+    tok = train_bpe(["\n".join(f"{a}\n{b}" for a, b in pairs) * 30], 300, model_dir)
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=32, d_kv=16, num_layers=2, num_decoder_layers=2,
+                                        num_heads=2, d_ff=64, pad_token_id=tok.pad_token_id,
+                                        eos_token_id=tok.eos_token_id,
+                                        decoder_start_token_id=tok.pad_token_id)).save_pretrained(model_dir)
+    data = _write_jsonl(tmp_path / "pairs.jsonl", [{"en": a, "es": b} for a, b in pairs] * 4)
+    out = tmp_path / "tr"
+    res = cli("finetune", "--task", "translate", "--model", model_dir, "--train", data, "--validation", data,
+              "--test", data, "--out", out, "--max-steps", "4", "--batch-size", "8", "--no-progress",
+              "--max-new-tokens", "6")
+    assert res.code == 0, res.err
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"bleu", "chrf"} <= set(m["test"]) and "bleu" in m["zero_shot_validation"]
+    AutoModelForSeq2SeqLM.from_pretrained(out / "final")
+    pred = cli("predict", "--model", out, "--text", "the house", "--max-new-tokens", "6")
+    assert pred.code == 0, pred.err
+    assert "translation" in json.loads(pred.out)
+    ev = cli("evaluate", "--model", out, "--data", data)
+    assert ev.code == 0, ev.err
+    assert "bleu" in json.loads(ev.out)

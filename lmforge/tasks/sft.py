@@ -12,7 +12,6 @@ Evaluation: mean per-token loss and perplexity on the assistant tokens, plus a f
 """
 from __future__ import annotations
 
-import sys
 
 import torch
 
@@ -355,6 +354,12 @@ class SFTTask(Task):
 
     def end_ids(self, model=None) -> list[int]:
         return end_token_ids(self.tokenizer, model, self.chat["end_of_turn"])
+
+    def attach(self, path, tokenizer, extras: dict):
+        self.tokenizer = tokenizer
+        self.chat = setup_chat(tokenizer)
+        self.end_id = tokenizer.convert_tokens_to_ids(self.chat["end_of_turn"])
+        return self.load_model(path)
 
     def load_model(self, path, dtype=None):
         model = load_causal(path, dtype)

@@ -100,13 +100,12 @@ class Prompter:
         self.single_line = single_line
         if style == "template":
             try:
-                probe = self.template.format(source="x", source_lang="A", target_lang="B")
+                self.template.format(source="x", source_lang="A", target_lang="B")  # validates the placeholders
             except (KeyError, IndexError, ValueError) as e:
                 raise LmforgeError(f"--prompt-template {self.template!r}: {type(e).__name__}: {e} (use {{source}}, "
                                    "{source_lang} and {target_lang}; write literal braces as {{ and }})") from None
             if "{source}" not in self.template:
                 raise LmforgeError(f"--prompt-template {self.template!r} has no {{source}}")
-            del probe
 
     # ---- text
     def clip(self, text: str) -> str:
@@ -378,10 +377,25 @@ class TranslateTask(Task):
         preds = [{"source": s, "reference": r, "prediction": h} for s, r, h in zip(sources, refs, hyps)]
         return EvalResult(metrics, preds)
 
+    def attach(self, path, tokenizer, extras: dict):
+        """Set up from a fine-tuned folder's lmforge_config.yaml (languages, prompt) instead of training data."""
+        self.tokenizer = tokenizer
+        src, tgt = extras.get("source_lang", "en"), extras.get("target_lang", "es")
+        self.source_code, self.target_code = _lang_code(src), _lang_code(tgt)
+        self.source_name = language_name(src, "the source language")
+        self.target_name = language_name(tgt, "the target language")
+        self.single_line = extras.get("single_line", True)
+        if extras.get("prompt_style") == "template" and extras.get("prompt_template") and not self.cfg.prompt_template:
+            self.cfg.prompt_template = extras["prompt_template"]
+        return self.load_model(path)
+
+    def translate_texts(self, model, texts: list[str]) -> list[str]:
+        return generate_translations(model, self._need_prompter(), texts, self.cfg.num_beams, self.cfg.max_new_tokens)
+
     def config_extras(self) -> dict:
         p = self.prompter
         extras = {"source_lang": self.source_code or self.source_name,
-                  "target_lang": self.target_code or self.target_name}
+                  "target_lang": self.target_code or self.target_name, "single_line": self.single_line}
         if p is not None:
             extras["prompt_style"] = p.style
             if p.style == "seq2seq":
