@@ -152,3 +152,17 @@ def save(cfg, path: str | os.PathLike) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def resume_base(args: argparse.Namespace) -> dict:
+    """With --resume, a run's saved DIR/config.yaml is the base, so `--out DIR --resume` alone is enough.
+    Training recipes use it as their `base_config`; the command line still overrides it."""
+    if not getattr(args, "resume", False) or not getattr(args, "out", None):
+        return {}
+    path = Path(args.out) / "config.yaml"
+    if not path.exists():
+        return {}
+    saved = load_yaml(path)
+    for key in ("resume", "stop_after_steps"):  # per-invocation choices, not part of the run
+        saved.pop(key, None)
+    return saved

@@ -53,7 +53,7 @@ def free_port() -> int:
 
 @contextmanager
 def serve(model: Path, *extra: str):
-    """`python -m lmforge serve --model MODEL --port P` until /v1/models answers; yields the base URL."""
+    """`python -m lmforge serve --model MODEL --port P ...` until /health answers; yields the base URL."""
     port = free_port()
     log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--model", str(model), "--port", str(port),
@@ -66,7 +66,7 @@ def serve(model: Path, *extra: str):
                 log.seek(0)
                 pytest.fail(f"lmforge serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
             try:
-                with urllib.request.urlopen(url + "/v1/models", timeout=2) as r:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:  # open even with --api-key
                     if r.status == 200:
                         break
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
@@ -136,23 +136,28 @@ class Browser:
                     raise RuntimeError(f"{method}: Chromium closed the pipe")
                 self.buf += chunk
 
-    def open_until_settled(self, url: str, timeout: float = BROWSER_TIMEOUT) -> tuple[str, str]:
-        """Open `url`, wait until body[data-state] is done/error (or `timeout`); (state, page HTML)."""
+    def open(self, url: str) -> str:
+        """Open `url` in a new tab; its DevTools session id."""
         target = self.call("Target.createTarget", {"url": url})["targetId"]
-        session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        return self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
 
-        def evaluate(expr: str):
-            res = self.call("Runtime.evaluate", {"expression": expr, "returnByValue": True}, session)
-            return res.get("result", {}).get("value")
+    def evaluate(self, session: str, expr: str):
+        res = self.call("Runtime.evaluate", {"expression": expr, "returnByValue": True}, session)
+        return res.get("result", {}).get("value")
 
+    def settle(self, session: str, timeout: float = BROWSER_TIMEOUT) -> tuple[str | None, str]:
+        """Wait until body[data-state] is done/error (or `timeout`); (state, page HTML)."""
         deadline = time.time() + timeout
         state = None
         while time.time() < deadline:
-            state = evaluate("document.body ? document.body.dataset.state : null")
+            state = self.evaluate(session, "document.body ? document.body.dataset.state : null")
             if state in ("done", "error"):
                 break
             time.sleep(0.2)
-        return state, evaluate("document.documentElement.outerHTML")
+        return state, self.evaluate(session, "document.documentElement.outerHTML")
+
+    def open_until_settled(self, url: str, timeout: float = BROWSER_TIMEOUT) -> tuple[str | None, str]:
+        return self.settle(self.open(url), timeout)
 
     def close(self):
         try:
@@ -202,7 +207,7 @@ def test_chat_page_streams_a_reply(tiny_run, browser):
         with urllib.request.urlopen(url + "/", timeout=10) as r:
             assert r.status == 200 and "text/html" in r.headers.get("content-type", "")
             assert b"lmforge playground" in r.read()
-        state, page = browser.open_until_settled(f"{url}/?prompt=Hello&autosend=1&max_tokens=8&temperature=0")
+        state, page = browser.open_until_settled(f"{url}/?prompt=Hello&autosend=1&max_tokens=8&temperature=1&seed=0")
     assert state == "done", f"state {state!r}; status: {status_text(page)!r}"
     assert 'data-kind="causal-lm"' in page
     users = texts(page, r'<li class="user">.*?<span class="content">(.*?)</span>')
@@ -244,4 +249,21 @@ def test_classifier_page_draws_label_bars(tiny_classifier, browser):
     assert all(0 <= s <= 1 for s in scores.values()) and abs(sum(scores.values()) - 1) < 1e-3
     widths = re.findall(r'class="fill" style="[^"]*width:\s*([\d.]+)%', page)
     assert len(widths) == 2 and max(float(w) for w in widths) > 0
-    assert "What a lovely day" in page  # the text box was filled from ?text=
+    top = max(scores, key=scores.get)
+    assert top in status_text(page)  # the status line names the winning label
+
+
+def test_chat_page_asks_for_the_api_key(tiny_run, browser):
+    """Without the key the page ends in "error" and opens the key field; with it (kept in sessionStorage)
+    the prompt from the URL is sent."""
+    with serve(tiny_run.final, "--api-key", "sekrit") as url:
+        tab = browser.open(f"{url}/?prompt=Hello&autosend=1&max_tokens=4&temperature=1&seed=0")
+        state, page = browser.settle(tab)
+        assert state == "error" and "401" in status_text(page) and "API key" in status_text(page)
+        assert re.search(r'<details class="key" id="key-box" open', page)
+        browser.evaluate(tab, 'document.getElementById("api-key").value = "sekrit"; '
+                              'document.body.dataset.state = "key"; document.getElementById("key-save").click()')
+        state, page = browser.settle(tab)
+        assert browser.evaluate(tab, 'sessionStorage.getItem("lmforge.apiKey")') == "sekrit"
+    assert state == "done", f"state {state!r}; status: {status_text(page)!r}"
+    assert texts(page, r'<li class="user">.*?<span class="content">(.*?)</span>') == ["Hello"]

@@ -107,7 +107,7 @@ class Chat:
         self.turn_count = 0
         self.told_dropped = False
         self.told_cut = False
-        self.interactive = sys.stdin.isatty()
+        self.interactive = sys.stdin is not None and sys.stdin.isatty()
         if self.interactive:
             try:  # line editing and history for input()
                 import readline  # noqa: F401
@@ -219,7 +219,7 @@ class Chat:
                 _write("\n")
                 return None
         _write(USER_PROMPT)
-        line = sys.stdin.readline()
+        line = sys.stdin.readline() if sys.stdin is not None else ""
         if not line:
             _write("\n")
             return None

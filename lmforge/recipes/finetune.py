@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from lmforge import config as C
 from lmforge.config import opt
 from lmforge.errors import LmforgeError
 
@@ -227,7 +228,6 @@ def run(cfg: FinetuneConfig) -> dict:
 
     from tqdm import tqdm
 
-    from lmforge import config as C
     from lmforge.model.hub import resolve_model
     from lmforge.tasks import get_task
     from lmforge.tokenizer.bpe import load_tokenizer
@@ -260,6 +260,10 @@ def run(cfg: FinetuneConfig) -> dict:
         if cfg.lora:
             model.enable_input_require_grads()
     model.to(rt.device)
+    train_model = model
+    if rt.distributed:  # gradients averaged across processes; the wrapped module stays `model`
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     n_total = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -268,7 +272,10 @@ def run(cfg: FinetuneConfig) -> dict:
         raise LmforgeError(f"{train.source}: no training examples left after tokenization")
     lengths = [len(f["input_ids"]) for f in feats]
     batch_size = cfg.batch_size or task.default_batch_size
-    batches_per_epoch = math.ceil(len(feats) / batch_size)
+    # Under torchrun each rank takes every world_size-th batch of the same seeded order (same count per rank).
+    batches_per_epoch = math.ceil(len(feats) / batch_size) // rt.world_size
+    if batches_per_epoch == 0:
+        raise LmforgeError(f"{len(feats)} training examples make fewer batches than processes ({rt.world_size})")
     steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
     epochs = cfg.epochs or 3.0
     max_steps = cfg.max_steps or max(1, round(epochs * steps_per_epoch))
@@ -363,6 +370,7 @@ def run(cfg: FinetuneConfig) -> dict:
     while step < plan["max_steps"]:
         epoch = step * cfg.grad_accum // batches_per_epoch
         order = length_grouped_batches(lengths, batch_size, cfg.seed, epoch, cfg.group_by_length)
+        order = order[rt.rank::rt.world_size][:batches_per_epoch]
         first = step * cfg.grad_accum % batches_per_epoch
         n_batches = (len(order) - first) // cfg.grad_accum * cfg.grad_accum
         for b0 in range(first, first + n_batches, cfg.grad_accum):
@@ -370,10 +378,10 @@ def run(cfg: FinetuneConfig) -> dict:
             for idx in order[b0:b0 + cfg.grad_accum]:
                 batch = {k: v.to(rt.device) for k, v in task.collate([feats[i] for i in idx]).items()}
                 with amp():
-                    loss = model(**batch).loss / cfg.grad_accum
+                    loss = train_model(**batch).loss / cfg.grad_accum
                 loss.backward()
                 loss_sum += loss.item()
-                seen += len(idx)
+                seen += len(idx) * rt.world_size
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
             optimizer.step()
@@ -386,9 +394,11 @@ def run(cfg: FinetuneConfig) -> dict:
             window[0] += loss_sum
             window[1] += 1
             elapsed = time.time() - t0
-            if cfg.max_minutes and timed_steps == 10:
+            if cfg.max_minutes and timed_steps == 3:
+                t_warm = elapsed  # the first steps pay for allocator and kernel warm-up: not the pace
+            if cfg.max_minutes and timed_steps == 13:
                 # Fit the schedule to the time budget now that the speed is known (evaluations ~10% extra).
-                fit = step + int((cfg.max_minutes * 60 * 0.9 - elapsed) / (elapsed / timed_steps))
+                fit = step + int((cfg.max_minutes * 60 * 0.9 - elapsed) / ((elapsed - t_warm) / 10))
                 plan["max_steps"] = max(step + 1, min(plan["max_steps"] if cfg.max_steps or cfg.epochs else 10 ** 9, fit))
                 bar.total = plan["max_steps"]
                 print(f"\n--max-minutes {cfg.max_minutes:g}: about {plan['max_steps']} steps "
@@ -466,16 +476,4 @@ def run(cfg: FinetuneConfig) -> dict:
     return results
 
 
-def base_config(args) -> dict:
-    """With --resume, the run's saved config is the base, so `--out DIR --resume` alone is enough."""
-    if not getattr(args, "resume", False) or not getattr(args, "out", None):
-        return {}
-    path = Path(args.out) / "config.yaml"
-    if not path.exists():
-        return {}
-    from lmforge import config as C
-
-    saved = C.load_yaml(path)
-    for key in ("resume", "stop_after_steps"):
-        saved.pop(key, None)
-    return saved
+base_config = C.resume_base  # --resume: the run's saved config is the base

@@ -128,6 +128,8 @@ def run(cfg: PretrainConfig) -> dict:
 
     # ---- data and tokenizer -------------------------------------------------------------------------------
     sources = resolve_sources(cfg.data)
+    if rt.distributed and not rt.is_main:
+        torch.distributed.barrier()  # rank 0 converts models, trains the tokenizer and fills the token cache first
     init_path = resolve_model(cfg.init_from) if cfg.init_from else None
     if resume_from is not None:
         tokenizer = load_tokenizer(resume_from)
@@ -139,6 +141,8 @@ def run(cfg: PretrainConfig) -> dict:
         raise LmforgeError("the tokenizer has no EOS token: documents could not be separated")
     data = tokenize_corpus(sources, tokenizer, text_field=cfg.text_field, val_fraction=cfg.val_fraction,
                            show_progress=cfg.progress and rt.is_main)
+    if rt.distributed and rt.is_main:
+        torch.distributed.barrier()
     token_bytes = token_byte_lengths(tokenizer)
     bytes_per_token = None
     if token_bytes is None:
@@ -208,6 +212,10 @@ def run(cfg: PretrainConfig) -> dict:
         per_step = measure_step_seconds(train_step, model, optimizer)
         # ~8% of the budget goes to evaluations and checkpoints.
         max_steps = max(10, int(cfg.max_minutes * 60 * 0.92 / per_step))
+        if rt.distributed:  # every rank must run the same schedule: rank 0's measurement decides
+            t = torch.tensor([max_steps], device=rt.device)
+            torch.distributed.broadcast(t, 0)
+            max_steps = int(t.item())
         print(f"measured {per_step:.3f} s/step: {cfg.max_minutes:g} minutes is about {max_steps} steps", flush=True)
     elif not max_steps:
         max_steps = 1000
@@ -401,14 +409,4 @@ def measure_step_seconds(train_step, model, optimizer, n_steps: int = 6) -> floa
     return seconds
 
 
-def base_config(args) -> dict:
-    """With --resume, the run's saved config is the base, so `--out DIR --resume` alone is enough."""
-    if not getattr(args, "resume", False) or not getattr(args, "out", None):
-        return {}
-    path = Path(args.out) / "config.yaml"
-    if not path.exists():
-        return {}
-    saved = C.load_yaml(path)
-    for key in ("resume", "stop_after_steps"):
-        saved.pop(key, None)
-    return saved
+base_config = C.resume_base  # --resume: the run's saved config is the base

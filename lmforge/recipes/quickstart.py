@@ -70,7 +70,7 @@ def run(cfg: QuickstartConfig) -> dict:
 
     _banner("summary")
     for what, where in made:
-        print(f"  {what:<38} {where}")
+        print(f"  {what:<50} {where}")
     print(f"\nNext: lmforge generate --model {final} --prompt 'KING HENRY:'\n"
           f"      lmforge pretrain --data YOUR_TEXT --out runs/mine --max-minutes 10")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")

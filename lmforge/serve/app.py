@@ -36,6 +36,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.errors import LmforgeError
@@ -518,6 +519,7 @@ class _Run:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.deadline = self.loop.time() + state.timeout
+        self.checked = self.loop.time()
         engine = state.served.engine
 
         def sink(ev: Event) -> None:
@@ -533,6 +535,10 @@ class _Run:
                            headers={"Retry-After": "5"}) from None
 
     async def next(self, request: Request | None) -> Event:
+        if request is not None and self.loop.time() - self.checked > 0.25:  # events may never pause: check anyway
+            self.checked = self.loop.time()
+            if await request.is_disconnected():
+                raise Disconnected()
         try:
             return self.queue.get_nowait()
         except asyncio.QueueEmpty:
@@ -542,8 +548,9 @@ class _Run:
             if remaining <= 0:
                 raise TimedOut()
             try:
-                return await asyncio.wait_for(self.queue.get(), min(remaining, 0.5))
+                return await asyncio.wait_for(self.queue.get(), min(remaining, 0.25))
             except asyncio.TimeoutError:
+                self.checked = self.loop.time()
                 if request is not None and await request.is_disconnected():
                     raise Disconnected() from None
 
@@ -581,9 +588,12 @@ async def _generate(state: State, request: Request, obj: str, prompts: list[list
         if first.finish_reason == "error":
             run.cancel()
             raise APIError(500, f"generation failed: {first.error}", None, "generation_error")
+        # background: also frees the slots when the client leaves before the stream's first chunk (then the
+        # generator never starts and its finally never runs); a no-op after a finished stream
         return StreamingResponse(_sse(state, run, first, rid, created, obj, total, prompt_tokens, include_usage,
                                       echo, n), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                 background=BackgroundTask(run.cancel))
     texts = [""] * total
     finish: list[str | None] = [None] * total
     tokens = [0] * total

@@ -268,8 +268,8 @@ class LlamaBackend:
         for i, block in enumerate(m.layers):
             q, k, v = self._qkv(block, x, B, T)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            self.k[i][r0:r0 + B, :, :T] = k
-            self.v[i][r0:r0 + B, :, :T] = v
+            self.k[i][r0:r0 + B, :, :T] = k.to(self.dtype)  # (no-op unless under autocast)
+            self.v[i][r0:r0 + B, :, :T] = v.to(self.dtype)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
             x = x + block.attn.o(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
             x = x + block.mlp(block.mlp_norm(x))
@@ -298,8 +298,8 @@ class LlamaBackend:
         for i, block in enumerate(m.layers):
             q, k, v = self._qkv(block, x, n, 1)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            self.k[i][rows, :, pos] = k[:, :, 0]
-            self.v[i][rows, :, pos] = v[:, :, 0]
+            self.k[i][rows, :, pos] = k[:, :, 0].to(self.dtype)
+            self.v[i][rows, :, pos] = v[:, :, 0].to(self.dtype)
             y = F.scaled_dot_product_attention(q, self.k[i][:n, :, :L], self.v[i][:n, :, :L], attn_mask=mask,
                                                enable_gqa=gqa)
             x = x + block.attn.o(y.transpose(1, 2).reshape(n, 1, c.n_head * c.head_dim))
@@ -688,14 +688,20 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def pick_precision(precision: str, device: torch.device) -> str:
-    """fp32 or bf16 weights. auto: bf16 on GPUs; fp32 on CPUs, where bf16 decode measured no faster
-    (see bench/serve.py --precision-sweep)."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        return "fp32"
-    return precision
+def pick_precision(precision: str, device: torch.device, kind: str = "causal-lm") -> str:
+    """fp32 or bf16 weights. auto: bf16 on GPUs; on CPUs bf16 for generation where the CPU has native bf16
+    dot products (AVX512-BF16 / AMX): decode is memory-bound, and bf16 weights halve the bytes read per
+    token (bench/serve.py part 2 measured 1.7-2.3x over fp32, where bf16 *autocast* of fp32 weights is
+    slower than fp32). Without native bf16, and for the encoder kinds, fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu" and kind == "causal-lm":
+        from lmforge.train.common import cpu_supports_bf16
+
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    return "fp32"
 
 
 @dataclass
@@ -737,13 +743,14 @@ def load_served(path: Path, *, device: str = "cpu", precision: str = "auto", max
 
     path = Path(path)
     dev = pick_device(device)
-    prec = pick_precision(precision, dev)
     kind = detect_kind(path)
+    is_s2s = bool(read_json(path / "config.json").get("is_encoder_decoder"))
+    prec = pick_precision(precision, dev, "causal-lm" if kind == "causal-lm" or (kind == "seq2seq" and not is_s2s)
+                          else kind)
     extras = read_extras(path)
     if not list(path.glob("*.safetensors")):
         raise LmforgeError(f"{path}: no *.safetensors weights (lmforge serves safetensors only, never pickles)")
     tokenizer = load_tokenizer(path)
-    is_s2s = bool(read_json(path / "config.json").get("is_encoder_decoder"))
     if kind == "causal-lm" or (kind == "seq2seq" and not is_s2s):
         return _load_causal(path, tokenizer, dev, prec, kind, extras, max_batch, max_queue, step_delay)
     dtype = torch.bfloat16 if prec == "bf16" else torch.float32
@@ -765,6 +772,9 @@ def load_served(path: Path, *, device: str = "cpu", precision: str = "auto", max
     tok_max = getattr(tokenizer, "model_max_length", None)
     if isinstance(tok_max, int) and 0 < tok_max < ctx:
         ctx = tok_max
+    st_max = read_json(path / "sentence_bert_config.json").get("max_seq_length")
+    if kind == "embeddings" and isinstance(st_max, int) and 0 < st_max < ctx:
+        ctx = st_max  # a sentence-transformers folder: embed as it was trained to
     served = ServedModel(kind, path, tokenizer, model, dev, prec, context_length=ctx, extras=extras)
     if kind == "classifier":
         cfg = model.config
