@@ -24,5 +24,11 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! ls /usr/lib/*-linux-
    (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1)) || \
    echo "[setup] tcmalloc not installed (optional)"
 fi
+# Chromium lets the test suite drive the serve playground page headlessly; optional, best effort.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v chromium >/dev/null && [ -z "${LMFORGE_NO_CHROMIUM:-}" ]; then
+  (timeout 300 apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+   (timeout 120 apt-get update -q >/dev/null 2>&1 && timeout 300 apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1)) || \
+   echo "[setup] chromium not installed (optional: the playground browser test will be skipped)"
+fi
 echo "$spec" > "$stamp"
 echo "[setup] done: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "| transformers", transformers.__version__)')"

@@ -27,6 +27,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every model in the suite is tiny: threads buy nothing, and on a shared CPU OpenMP threads waiting on
+    each other can make a step ~100x slower. Subprocesses started by tests keep torch's default."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 # Arguments of the session's tiny model (the brief's canonical tiny run).
 TINY_ARGS = ["--size", "tiny", "--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--context", "64",
              "--vocab-size", "512", "--max-steps", "6", "--batch-size", "4", "--no-progress",

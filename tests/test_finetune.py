@@ -205,3 +205,30 @@ def test_translate_seq2seq_end_to_end(tmp_path):
     ev = cli("evaluate", "--model", out, "--data", data)
     assert ev.code == 0, ev.err
     assert "bleu" in json.loads(ev.out)
+
+
+def test_regression_and_gradient_checkpointing(tiny_bert, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    rows = [{"sentence1": f"a {w} film", "score": s} for w, s in
+            (("great", 4.5), ("fine", 3.2), ("dull", 1.1), ("awful", 0.4), ("good", 3.9), ("bad", 1.6))] * 3
+    data = _write_jsonl(tmp_path / "scores.jsonl", rows)
+    out = tmp_path / "reg"
+    res = cli("finetune", "--task", "classify", "--model", tiny_bert, "--train", data, "--validation", data,
+              "--out", out, "--max-steps", "3", "--batch-size", "6", "--gradient-checkpointing", "--no-progress")
+    assert res.code == 0, res.err
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"mse", "pearson", "spearman"} <= set(m["validation"])
+    model = AutoModelForSequenceClassification.from_pretrained(out / "final")
+    assert model.config.num_labels == 1 and model.config.problem_type == "regression"
+
+
+def test_qa_lora(tiny_bert, tmp_path):
+    out = tmp_path / "qa-lora"
+    res = cli("finetune", "--task", "qa", "--model", tiny_bert, "--train", "lmforge_qa", "--out", out, "--lora",
+              "--max-steps", "2", "--batch-size", "8", "--max-train-examples", "16", "--max-eval-examples", "4",
+              "--max-length", "128", "--doc-stride", "32", "--no-progress")
+    assert res.code == 0, res.err
+    from transformers import AutoModelForQuestionAnswering
+
+    AutoModelForQuestionAnswering.from_pretrained(out / "final")

@@ -28,12 +28,6 @@ KEY = "test-key-123"
 NAME = "tiny"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @contextmanager

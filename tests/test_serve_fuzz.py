@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,14 +18,11 @@ SETTINGS = settings(max_examples=60, deadline=None, database=None,
 def api(tiny_run):
     from lmforge.serve import create_app
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     # a low max_tokens limit keeps every accepted request short
     app = create_app(tiny_run.final, model_name="tiny", max_tokens_limit=8, max_batch=8, device="cpu",
                      precision="fp32")
     with TestClient(app) as client:
         yield client
-    torch.set_num_threads(n)
 
 
 json_values = st.recursive(

@@ -29,13 +29,6 @@ def _loaded(rows):
     return Loaded(rows=rows, source="test", line_numbers=list(range(1, len(rows) + 1)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: on a busy shared CPU, OpenMP threads waiting on each other make a step ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,6 @@ TEXT = ("The quick brown fox jumps over the lazy dog. Hello world, how are you t
         "Tell me a joke. Why did the chicken cross the road? To get to the other side.\n") * 30
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU a second thread can stall each op."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

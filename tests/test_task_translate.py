@@ -21,13 +21,6 @@ PAIRS = [
 TEXT = "\n".join(f"{en}\n{es}" for en, es in PAIRS) * 20 + "\nTranslate English to Spanish: Spanish English"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU a second thread can stall each op."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

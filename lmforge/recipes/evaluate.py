@@ -36,6 +36,7 @@ class EvaluateConfig:
     field: list[str] = opt([], "tasks: field names as ROLE=NAME, e.g. text=sentence label=polarity")
     max_examples: int = opt(0, "tasks: score at most this many examples (0: all)")
     num_beams: int = opt(0, "translate/sft: beam width (0: as fine-tuned)")
+    max_new_tokens: int = opt(0, "translate/sft: tokens generated at most per example (0: as fine-tuned)")
     predictions: str | None = opt(None, "tasks: also write per-example predictions to this JSONL file")
 
 
@@ -128,6 +129,8 @@ def evaluate_task(cfg: EvaluateConfig, path, task: str) -> int:
         overrides[f"{role}_field"] = name
     if cfg.num_beams:
         overrides["num_beams"] = cfg.num_beams
+    if cfg.max_new_tokens:
+        overrides["max_new_tokens"] = cfg.max_new_tokens
     with torch.no_grad():
         t, model, tokenizer, _ = load_for_task(path, task, overrides)
         loaded = load_examples(cfg.data[0], task, t.fields(), split="test")
