@@ -130,9 +130,10 @@ def test_collate_pads(tokenizer):
     rows = [_row("1", "What was Abel?", "Abel was a keeper of sheep.", ANSWER),
             _row("2", "Who?", "Nobody knows anything at all about this long story here.", None)]
     task = _task(tokenizer, rows)
-    batch = task.collate(task.features(_loaded(rows)))
+    feats = task.features(_loaded(rows))
+    batch = task.collate(feats)
     B, T = batch["input_ids"].shape
-    assert B == 2 and T % 8 == 0
+    assert B == 2 and T == max(len(f["input_ids"]) for f in feats)  # padded to the longest only
     assert batch["attention_mask"].shape == batch["token_type_ids"].shape == (B, T)
     assert batch["start_positions"].dtype == torch.long and batch["start_positions"].shape == (B,)
     assert batch["end_positions"].tolist()[1] == 0

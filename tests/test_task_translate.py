@@ -112,7 +112,7 @@ def test_t5_features_evaluate_and_overfit(tok_dir, data_file, tmp_path):
     assert tok.decode(feats[0]["labels"][:-1]) == PAIRS[0][1]
     batch = task.collate(feats)
     assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["input_ids"].shape[0] == 4
-    assert batch["labels"].shape[1] >= max(len(f["labels"]) for f in feats) and batch["labels"].shape[1] % 8 == 0
+    assert batch["labels"].shape[1] >= max(len(f["labels"]) for f in feats)
     assert (batch["labels"] == -100).any() and "decoder_input_ids" not in batch
 
     zero = task.evaluate(model.eval(), loaded, contextlib.nullcontext, "cpu", 3)  # zero-shot, before training
