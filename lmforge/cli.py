@@ -12,7 +12,7 @@ from lmforge.errors import LmforgeError, closest
 # verb: (module, config class, one-line help). Each module has `run(cfg)`.
 VERBS: dict[str, tuple[str, str, str]] = {
     "quickstart": ("lmforge.recipes.quickstart", "QuickstartConfig",
-                   "the whole story on built-in data in a few minutes: pretrain, evaluate, generate"),
+                   "the whole story on built-in data in minutes: pretrain, generate, fine-tune a classifier"),
     "tokenizer": ("lmforge.recipes.tokenizer", "TokenizerConfig",
                   "tokenizer train: train a byte-level BPE tokenizer on your text"),
     "pretrain": ("lmforge.recipes.pretrain", "PretrainConfig",
@@ -20,7 +20,7 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "finetune": ("lmforge.recipes.finetune", "FinetuneConfig",
                  "stage 2: fine-tune a pretrained model for classify, qa, sft or translate (full or --lora)"),
     "evaluate": ("lmforge.recipes.evaluate", "EvaluateConfig",
-                 "score a model on data and print metrics as JSON (--task lm: loss, perplexity, bits/byte)"),
+                 "score a model on data and print metrics as JSON (lm: perplexity, bits/byte; or a task's metrics)"),
     "predict": ("lmforge.recipes.predict", "PredictConfig",
                 "run a fine-tuned model on new inputs: labels, answers, translations or replies (JSON lines)"),
     "generate": ("lmforge.recipes.generate", "GenerateConfig", "stream text from a causal LM"),

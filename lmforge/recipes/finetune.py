@@ -368,6 +368,7 @@ def run(cfg: FinetuneConfig) -> dict:
                dynamic_ncols=True, disable=not (cfg.progress and rt.is_main))
     model.train()
     t0, seen, timed_steps = time.time(), 0, 0
+    last_eval = None  # (step, EvalResult) of the latest validation pass
     start_step, stopped = step, False
     while step < plan["max_steps"]:
         epoch = step * cfg.grad_accum // batches_per_epoch
@@ -415,6 +416,7 @@ def run(cfg: FinetuneConfig) -> dict:
                 bar.clear()
                 t_eval = time.time()
                 res = evaluate("validation")
+                last_eval = (step, res)
                 value = res.metrics.get(task.metric)
                 improved = value is not None and (best["value"] is None or (
                     value > best["value"] if task.greater_is_better else value < best["value"]))
@@ -459,7 +461,9 @@ def run(cfg: FinetuneConfig) -> dict:
     pred_rows = []
     for split in ("validation", "test"):
         if split in others:
-            res = evaluate(split)
+            # The best model is often the last one evaluated: reuse that evaluation (generation is slow).
+            reuse = split == "validation" and last_eval is not None and last_eval[0] == best["step"]
+            res = last_eval[1] if reuse else evaluate(split)
             results[split] = res.metrics
             pred_rows = res.predictions  # test wins when there is one
             print(f"{split}: {short(res.metrics)}", flush=True)
