@@ -64,26 +64,37 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int = 128, temper
 
 
 class StreamDecoder:
-    """Turns a growing list of token ids into text pieces as soon as they are complete characters.
+    """Token ids -> text pieces as soon as they are complete characters, O(1) per token.
 
     Decoding token by token breaks multi-byte characters (Chinese, emoji) split across tokens, and loses
-    spaces some tokenizers attach at decode time; decoding the whole tail and emitting the new suffix
-    avoids both.
+    spaces some tokenizers attach at decode time. So each step decodes a short window (the previous piece
+    and the new tokens) and emits what the new tokens add, holding back an incomplete UTF-8 character;
+    `flush` releases whatever is left when generation ends.
     """
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
         self.ids: list[int] = []
-        self.emitted = ""
+        self.prefix = 0  # start of the window decoded for context
+        self.read = 0  # end of what has been emitted
+
+    def _decode(self, ids) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True) if ids else ""
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return ""
-        piece = text[len(self.emitted):]
-        self.emitted = text
-        return piece
+        before = self._decode(self.ids[self.prefix:self.read])
+        now = self._decode(self.ids[self.prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return now[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        before = self._decode(self.ids[self.prefix:self.read])
+        now = self._decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return now[len(before):] if len(now) > len(before) else ""
 
 
 def stop_token_ids(tokenizer, model=None) -> set[int]:
@@ -101,4 +112,5 @@ def generate_text(model, tokenizer, prompt: str, **kwargs) -> str:
     # encode() adds BOS exactly where the tokenizer is configured to (Llama yes, SmolLM2 and lmforge no).
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_token_id or 0]
     dec = StreamDecoder(tokenizer)
-    return "".join(dec.push(t) for t in generate_ids(model, ids, stop_ids=stop_token_ids(tokenizer), **kwargs))
+    text = "".join(dec.push(t) for t in generate_ids(model, ids, stop_ids=stop_token_ids(tokenizer), **kwargs))
+    return text + dec.flush()

@@ -204,9 +204,8 @@ class Chat:
                 _write(dec.push(token))
         except KeyboardInterrupt:  # Ctrl-C mid-reply: keep what was said, back to the prompt
             _write(" [interrupted]")
+        _write(dec.flush().replace("\ufffd", ""))  # what a cut-off multi-byte character left pending
         full = self.tokenizer.decode(dec.ids, skip_special_tokens=True)
-        if full.startswith(dec.emitted) and len(full) > len(dec.emitted):
-            _write(full[len(dec.emitted):].replace("\ufffd", ""))
         _write("\n")
         self.turns.append({"role": "assistant", "content": full.replace("\ufffd", "").strip()})
 

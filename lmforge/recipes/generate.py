@@ -66,7 +66,7 @@ def _run(cfg: GenerateConfig) -> int:
         n += 1
         sys.stdout.write(dec.push(token))
         sys.stdout.flush()
-    sys.stdout.write("\n")
+    sys.stdout.write(dec.flush() + "\n")
     if cfg.stats:
         dt = time.time() - t
         print(f"[{n} tokens in {dt:.2f} s: {n / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
+from lmforge.generate.sampling import StreamDecoder
 
 KINDS = ("causal-lm", "classifier", "embeddings", "qa", "seq2seq")
 PREFILL_TOKENS = 4096  # padded prompt tokens per prefill forward (bounds activation memory)
@@ -73,35 +74,6 @@ class EngineClosed(Exception):
     pass
 
 
-class IncrementalDecoder:
-    """Token ids -> text pieces, O(1) per token: decodes a short window (the previous piece and the new
-    tokens) and emits what the new tokens add, holding back an incomplete UTF-8 character."""
-
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0
-        self.read = 0
-
-    def _decode(self, ids) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True) if ids else ""
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        before = self._decode(self.ids[self.prefix:self.read])
-        now = self._decode(self.ids[self.prefix:])
-        if len(now) > len(before) and not now.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return now[len(before):]
-        return ""
-
-    def flush(self) -> str:
-        before = self._decode(self.ids[self.prefix:self.read])
-        now = self._decode(self.ids[self.prefix:])
-        self.prefix = self.read = len(self.ids)
-        return now[len(before):] if len(now) > len(before) else ""
-
-
 class Sequence:
     """One generated continuation: its prompt, sampling state, decoded text and where events go."""
 
@@ -115,7 +87,7 @@ class Sequence:
         self.index = index
         self.sink = sink
         self.group = group
-        self.decoder = IncrementalDecoder(tokenizer)
+        self.decoder = StreamDecoder(tokenizer)
         self.text = ""
         self.sent = 0  # characters of self.text already sent
         self.max_stop = max((len(s) for s in params.stop), default=0)
