@@ -340,7 +340,7 @@ def run(cfg: FinetuneConfig) -> dict:
                             "chrf", "loss", "perplexity") if k in metrics]
         return " | ".join(f"{k} {metrics[k]:.4f}" for k in keys)
 
-    def save(step: int, metric_value) -> Path:
+    def save(step: int) -> Path:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
                  "step": step, "max_steps": plan["max_steps"], "best": best, "history": history,
                  "loss_window": list(window),
@@ -431,7 +431,7 @@ def run(cfg: FinetuneConfig) -> dict:
                 if improved:
                     best.update(value=value, step=step, checkpoint=f"step-{step:06d}")
                 if rt.is_main:
-                    save(step, value)
+                    save(step)
                 t0 += time.time() - t_eval  # evaluation time is not training throughput
             if cfg.stop_after_steps and step - start_step >= cfg.stop_after_steps and step < plan["max_steps"]:
                 stopped = True
@@ -442,7 +442,7 @@ def run(cfg: FinetuneConfig) -> dict:
             break
     bar.close()
     if stopped:
-        path = save(step, None) if rt.is_main else None
+        path = save(step) if rt.is_main else None
         print(f"stopped at step {step}; checkpoint {path}. Continue with: lmforge finetune --out {out} --resume",
               flush=True)
         return {"stopped_at": step, "checkpoint": str(path)}
