@@ -38,7 +38,7 @@ from lmforge.model.hub import resolve_model  # noqa: E402
 from lmforge.recipes import finetune  # noqa: E402
 
 
-def hf_trainer(model_path, train, test, args, tuned: bool, work: Path) -> dict:
+def hf_trainer(model_path, train, val, test, args, tuned: bool, work: Path) -> dict:
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
                               Trainer, TrainingArguments, default_data_collator)
 
@@ -61,7 +61,7 @@ def hf_trainer(model_path, train, test, args, tuned: bool, work: Path) -> dict:
         def __getitem__(self, i):
             return self.feats[i]
 
-    train_ds, test_ds = DS(encode(train)), DS(encode(test))
+    train_ds, val_ds, test_ds = DS(encode(train)), DS(encode(val)), DS(encode(test))
     targs = TrainingArguments(
         output_dir=str(work / ("hf-tuned" if tuned else "hf-default")), per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=64, learning_rate=args.lr, num_train_epochs=args.epochs, seed=args.seed,
@@ -76,11 +76,13 @@ def hf_trainer(model_path, train, test, args, tuned: bool, work: Path) -> dict:
     t = time.time()
     out = trainer.train()
     seconds = time.time() - t
-    pred = trainer.predict(test_ds)
-    acc = float((pred.predictions.argmax(-1) == pred.label_ids).mean())
+    acc = {}
+    for split, ds in (("validation", val_ds), ("test", test_ds)):
+        pred = trainer.predict(ds)
+        acc[split] = float((pred.predictions.argmax(-1) == pred.label_ids).mean())
     return {"samples_per_s": len(train_ds) * args.epochs / seconds,
             "trainer_reported_samples_per_s": out.metrics.get("train_samples_per_second"),
-            "test_accuracy": acc, "train_seconds": seconds}
+            "test_accuracy": acc["test"], "validation_accuracy": acc["validation"], "train_seconds": seconds}
 
 
 def lmforge_run(args, work: Path) -> dict:
@@ -90,6 +92,7 @@ def lmforge_run(args, work: Path) -> dict:
         max_train_examples=args.max_train))
     res = finetune.run(cfg)
     return {"samples_per_s": res["train_samples_per_s"], "test_accuracy": res["test"]["accuracy"],
+            "validation_accuracy": res["validation"]["accuracy"],
             "train_seconds": res["train_seconds"], "best_step": res["best_step"]}
 
 
@@ -111,13 +114,14 @@ def main() -> None:
     if args.max_train:
         idx = sorted(np.random.default_rng(0).choice(len(train), args.max_train, replace=False))
         train = [train[i] for i in idx]
+    val = load_examples("rotten_tomatoes:validation", "classify").rows
     test = load_examples("rotten_tomatoes:test", "classify").rows
     print(f"minilm-l6 on rotten_tomatoes: {len(train)} train / {len(test)} test, {args.epochs:g} epoch(s), batch "
           f"{args.batch_size}, lr {args.lr:g}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
 
     runners = {"lmforge": lambda: lmforge_run(args, work),
-               "hf_tuned": lambda: hf_trainer(model_path, train, test, args, True, work),
-               "hf_default": lambda: hf_trainer(model_path, train, test, args, False, work)}
+               "hf_tuned": lambda: hf_trainer(model_path, train, val, test, args, True, work),
+               "hf_default": lambda: hf_trainer(model_path, train, val, test, args, False, work)}
     sides = args.sides.split(",")
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     for seed in [int(x) for x in args.seeds.split(",")]:
@@ -129,9 +133,13 @@ def main() -> None:
             r["seed"] = seed
             runs[side].append(r)
             print(f"seed {seed} {side:<11} {r['samples_per_s']:7.1f} samples/s  test accuracy "
-                  f"{100 * r['test_accuracy']:.2f} %", flush=True)
-    mean = {side: {k: float(np.mean([r[k] for r in rs])) for k in ("samples_per_s", "test_accuracy")}
-            for side, rs in runs.items()}
+                  f"{100 * r['test_accuracy']:.2f} %  (validation {100 * r['validation_accuracy']:.2f} %)", flush=True)
+    keys = ("samples_per_s", "test_accuracy", "validation_accuracy")
+    mean = {side: {k: float(np.mean([r[k] for r in rs])) for k in keys} for side, rs in runs.items()}
+    # seed-to-seed spread: the standard error of each mean accuracy
+    for side, rs in runs.items():
+        for k in ("test_accuracy", "validation_accuracy"):
+            mean[side][f"{k}_se"] = float(np.std([r[k] for r in rs], ddof=1) / np.sqrt(len(rs))) if len(rs) > 1 else None
     summary = {
         "setup": {"train": len(train), "test": len(test), "epochs": args.epochs, "batch_size": args.batch_size,
                   "lr": args.lr, "seeds": args.seeds},
@@ -145,7 +153,8 @@ def main() -> None:
         if f"ratio_vs_{other}" in summary:
             print(f"lmforge / Trainer {other[3:]}: {summary[f'ratio_vs_{other}']:.2f}x (target {target}); mean test "
                   f"accuracy lmforge {100 * mean['lmforge']['test_accuracy']:.2f} % vs "
-                  f"{100 * mean[other]['test_accuracy']:.2f} %")
+                  f"{100 * mean[other]['test_accuracy']:.2f} % (validation "
+                  f"{100 * mean['lmforge']['validation_accuracy']:.2f} % vs {100 * mean[other]['validation_accuracy']:.2f} %)")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
 

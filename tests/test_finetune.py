@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import assert_user_error, cli, metrics_rows
 
@@ -62,6 +63,10 @@ def test_classify_end_to_end_loads_with_plain_transformers(tiny_bert, sentiment,
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 6 and set(preds[0]["probabilities"]) == {"neg", "pos"}
     assert (out / "config.yaml").exists() and (out / "final" / "lmforge_config.yaml").exists()
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    if saved["precision"] == "bf16":  # CPU bf16 trains with eager attention; the saved model keeps its default
+        assert saved["attention"] == "eager"
+    assert not any("attn" in k for k in json.loads((out / "final" / "config.json").read_text()))
 
     pred = cli("predict", "--model", out, "--text", "a wonderful film", "dull")
     assert pred.code == 0, pred.err
@@ -69,9 +74,27 @@ def test_classify_end_to_end_loads_with_plain_transformers(tiny_bert, sentiment,
     assert len(lines) == 2 and lines[0]["label"] in ("pos", "neg")
     assert abs(sum(lines[0]["scores"].values()) - 1) < 1e-3
 
+    # unlabelled input files: the text field alone; a record without one is named by file and line
+    unlabelled = _write_jsonl(tmp_path / "in.jsonl", [{"sentence": "a wonderful film"}, {"text": "dull"}])
+    pred = cli("predict", "--model", out, "--input", unlabelled)
+    assert pred.code == 0, pred.err
+    assert [json.loads(x)["label"] for x in pred.out.splitlines()] == [x["label"] for x in lines]
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, {"review_body": "no known field"}])
+    assert_user_error(cli("predict", "--model", out, "--input", bad), "bad.jsonl:2")
+
     ev = cli("evaluate", "--model", out, "--data", val)
     assert ev.code == 0, ev.err
     assert json.loads(ev.out)["accuracy"] == pytest.approx(metrics["validation"]["accuracy"])
+
+
+def test_attention_kernel_choice():
+    from lmforge.recipes.finetune import _attention
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _attention("auto", "bf16", cpu, 128) == "eager"  # the slow CPU flash backward is avoided
+    assert _attention("auto", "fp32", cpu, 128) is None and _attention("auto", "bf16", cuda, 128) is None
+    assert _attention("auto", "bf16", cpu, 4096) is None
+    assert _attention("sdpa", "bf16", cpu, 128) == "sdpa"
 
 
 def test_classify_learns_a_separable_task(tiny_bert, sentiment, tmp_path):

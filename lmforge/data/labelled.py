@@ -706,6 +706,20 @@ def load_examples(spec: str, task: str, fields: dict[str, str | None] | None = N
     return Loaded(rows=rows, source=src, line_numbers=lines, skipped=skipped, fields=resolved or {})
 
 
+def load_texts(spec: str) -> list[dict]:
+    """Unlabelled inputs for prediction: each record's text (text, sentence, source, prompt or content)."""
+    path, src = resolve_data(spec)
+    rows = []
+    for rec in _iter_records(path, src):
+        if rec.error:
+            raise LmforgeError(rec.error)
+        text = next((rec.obj[k] for k in ("text", "sentence", "source", "prompt", "content") if k in rec.obj), None)
+        if not isinstance(text, str):
+            raise LmforgeError(f"{rec.loc}: no text field (text, sentence, source, prompt or content)")
+        rows.append({"text": text})
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------- labels
 
 def _is_number(x: Any) -> bool:

@@ -42,19 +42,8 @@ def _rows(cfg: PredictConfig, task: str, t) -> list[dict]:
             # Prediction inputs have no labels/answers/targets: fall back to the text field alone.
             if task == "qa" or "field" not in str(e):
                 raise
-            from lmforge.data.labelled import _iter_records, resolve_data
-
-            path, src = resolve_data(cfg.input)
-            rows = []
-            for rec in _iter_records(path, src):
-                if rec.error:
-                    raise LmforgeError(rec.error) from None
-                obj = rec.obj
-                text = next((obj[k] for k in ("text", "sentence", "source", "prompt", "content") if k in obj), None)
-                if not isinstance(text, str):
-                    raise LmforgeError(f"{src}:{rec.line}: no text field (text, sentence, source or prompt)") from None
-                rows.append({"text": text})
-            return rows
+            from lmforge.data.labelled import load_texts
+            return load_texts(cfg.input)
     if task == "qa":
         if not cfg.question or not cfg.context:
             raise LmforgeError("qa needs --question and --context (or --input FILE)")

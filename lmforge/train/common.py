@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,9 @@ def setup_runtime(device: str = "auto") -> Runtime:
         dev = torch.device(device)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    if world > 1 and rank != 0 and not os.environ.get("LMFORGE_ALL_RANKS_PRINT"):
+        # Progress and metrics lines would repeat once per process; errors still reach stderr from every rank.
+        sys.stdout = open(os.devnull, "w")
     return Runtime(dev, rank, world, local)
 
 
