@@ -22,16 +22,16 @@ import tempfile
 import time
 from pathlib import Path
 
-TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
-if Path(TCMALLOC).exists() and "tcmalloc" not in os.environ.get("LD_PRELOAD", "") and not os.environ.get("NO_TCMALLOC"):
-    os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, LD_PRELOAD=TCMALLOC))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lmforge.cli import ensure_tcmalloc  # noqa: E402  (light: no torch)
+
+ensure_tcmalloc([sys.executable, *sys.argv])  # before torch loads: the allocator is preloaded
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lmforge import config as C  # noqa: E402
 from lmforge.data.labelled import load_examples  # noqa: E402
 from lmforge.model.hub import resolve_model  # noqa: E402

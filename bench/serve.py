@@ -32,15 +32,15 @@ import threading
 import time
 from pathlib import Path
 
-TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
-if Path(TCMALLOC).exists() and "tcmalloc" not in os.environ.get("LD_PRELOAD", "") and not os.environ.get("NO_TCMALLOC"):
-    os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, LD_PRELOAD=TCMALLOC))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from lmforge.cli import ensure_tcmalloc  # noqa: E402  (light: no torch)
+
+ensure_tcmalloc([sys.executable, *sys.argv])  # before torch loads: the allocator is preloaded
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 from lmforge.model.hub import resolve_model  # noqa: E402
 
 TOPICS = ["a lighthouse keeper", "a lost robot", "the first snow", "a bakery at dawn", "two rival chess players",

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     verb = argv.pop(0)
     if verb in TCMALLOC_VERBS and argv_is_process_argv(argv, verb):
-        _ensure_tcmalloc()
+        ensure_tcmalloc()
     if verb not in VERBS:
         print(f"lmforge: error: unknown verb '{verb}'{closest(verb, VERBS)}; see 'lmforge --help'", file=sys.stderr)
         return 2
@@ -108,15 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     return int(result) if isinstance(result, int) else 0
 
 
-def _ensure_tcmalloc() -> None:
-    """Re-exec under tcmalloc when it is installed: large-vocab training steps run 1.2-1.8x faster."""
+def ensure_tcmalloc(command: list[str] | None = None) -> None:
+    """Re-exec `command` (default: this `lmforge` invocation) under tcmalloc when it is installed: large-vocab
+    training steps run 1.2-1.8x faster. Call it before torch is imported; LMFORGE_NO_TCMALLOC=1 opts out."""
     if os.environ.get("LMFORGE_NO_TCMALLOC") or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
         return
     for lib in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
                 "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4"):
         if Path(lib).exists():
             env = dict(os.environ, LD_PRELOAD=f"{lib}:{os.environ['LD_PRELOAD']}" if os.environ.get("LD_PRELOAD") else lib)
-            os.execve(sys.executable, [sys.executable, "-m", "lmforge", *sys.argv[1:]], env)
+            os.execve(sys.executable, command or [sys.executable, "-m", "lmforge", *sys.argv[1:]], env)
 
 
 if __name__ == "__main__":
