@@ -3,6 +3,7 @@
     .venv/bin/python bench/finetune_classify.py                 # 1 epoch each, ~12 minutes on 2 cores
     .venv/bin/python bench/finetune_classify.py --seeds 1,2,3 --sides lmforge,hf_tuned   # accuracy over seeds
     .venv/bin/python bench/finetune_classify.py --max-train 2000 # a quick look
+    .venv/bin/python bench/finetune_classify.py --combine a.json b.json --json all.json   # pool seeds of two runs
 
 `minilm-l6` on built-in `rotten_tomatoes`, the same epochs, learning rate, batch size and seed for all:
   (a) Trainer as `run_glue.py` runs it by default: every example padded to 128 tokens, fp32;
@@ -106,7 +107,11 @@ def main() -> None:
     ap.add_argument("--default-every-seed", action="store_true", help="run the slow run_glue default every seed")
     ap.add_argument("--max-train", type=int, default=0, help="use this many training examples (0: all 8,473)")
     ap.add_argument("--json", default="")
+    ap.add_argument("--combine", nargs="+", metavar="RESULTS_JSON",
+                    help="run nothing: pool the runs of earlier --json files (different seeds) and summarise them")
     args = ap.parse_args()
+    if args.combine:
+        return combine(args.combine, args.json)
 
     work = Path(tempfile.mkdtemp(prefix="lmforge-bench-ft-"))
     model_path = resolve_model("minilm-l6")
@@ -134,20 +139,29 @@ def main() -> None:
             runs[side].append(r)
             print(f"seed {seed} {side:<11} {r['samples_per_s']:7.1f} samples/s  test accuracy "
                   f"{100 * r['test_accuracy']:.2f} %  (validation {100 * r['validation_accuracy']:.2f} %)", flush=True)
+    setup = {"train": len(train), "test": len(test), "epochs": args.epochs, "batch_size": args.batch_size,
+             "lr": args.lr, "seeds": args.seeds}
+    report(summarize(runs, setup), args.json)
+
+
+def summarize(runs: dict[str, list[dict]], setup: dict) -> dict:
+    """Means over seeds, the standard error of each mean accuracy, and lmforge's speed ratios."""
     keys = ("samples_per_s", "test_accuracy", "validation_accuracy")
-    mean = {side: {k: float(np.mean([r[k] for r in rs])) for k in keys} for side, rs in runs.items()}
-    # seed-to-seed spread: the standard error of each mean accuracy
-    for side, rs in runs.items():
+    mean = {side: {k: float(np.mean([r[k] for r in rs])) for k in keys} for side, rs in runs.items() if rs}
+    for side, rs in runs.items():  # seed-to-seed spread
         for k in ("test_accuracy", "validation_accuracy"):
-            mean[side][f"{k}_se"] = float(np.std([r[k] for r in rs], ddof=1) / np.sqrt(len(rs))) if len(rs) > 1 else None
-    summary = {
-        "setup": {"train": len(train), "test": len(test), "epochs": args.epochs, "batch_size": args.batch_size,
-                  "lr": args.lr, "seeds": args.seeds},
-        "mean": mean, "runs": runs,
-    }
+            if side in mean:
+                mean[side][f"{k}_se"] = (float(np.std([r[k] for r in rs], ddof=1) / np.sqrt(len(rs)))
+                                         if len(rs) > 1 else None)
+    summary = {"setup": setup, "mean": mean, "runs": runs}
     for other in ("hf_default", "hf_tuned"):
         if other in mean and "lmforge" in mean:
             summary[f"ratio_vs_{other}"] = mean["lmforge"]["samples_per_s"] / mean[other]["samples_per_s"]
+    return summary
+
+
+def report(summary: dict, json_path: str = "") -> None:
+    mean = summary["mean"]
     print(json.dumps(summary, indent=2))
     for other, target in (("hf_default", "5x"), ("hf_tuned", "1.0x")):
         if f"ratio_vs_{other}" in summary:
@@ -155,8 +169,28 @@ def main() -> None:
                   f"accuracy lmforge {100 * mean['lmforge']['test_accuracy']:.2f} % vs "
                   f"{100 * mean[other]['test_accuracy']:.2f} % (validation "
                   f"{100 * mean['lmforge']['validation_accuracy']:.2f} % vs {100 * mean[other]['validation_accuracy']:.2f} %)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+    if json_path:
+        Path(json_path).write_text(json.dumps(summary, indent=2))
+
+
+def combine(paths: list[str], json_path: str) -> None:
+    """Pool the runs of several result files (e.g. seeds 1-5 and 6-10 run on different days)."""
+    runs: dict[str, list[dict]] = {}
+    setups = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        setups.append(data["setup"])
+        for side, rs in data["runs"].items():
+            runs.setdefault(side, []).extend(rs)
+    same = {k: v for k, v in setups[0].items() if k != "seeds" and all(s.get(k) == v for s in setups)}
+    if len(same) != len(setups[0]) - 1:
+        sys.exit(f"--combine: the files differ in setup ({setups}); only their seeds may differ")
+    seeds = {side: [r["seed"] for r in rs] for side, rs in runs.items()}
+    for side, ss in seeds.items():
+        if len(set(ss)) != len(ss):
+            sys.exit(f"--combine: side {side} has a seed more than once ({ss})")
+    report(summarize(runs, {**same, "seeds": ",".join(s["seeds"] for s in setups), "combined_from": paths}),
+           json_path)
 
 
 if __name__ == "__main__":

@@ -148,6 +148,23 @@ def test_truncation_drops_examples_without_a_reply(tok_dir):
     assert len(feats[0]["input_ids"]) <= 24 and any(t != -100 for t in feats[0]["labels"])
 
 
+def test_padding_rounds_to_eight_on_cuda_only(tok_dir):
+    tok = _tokenizer(tok_dir)
+    rows = [_chat("Hi", "Fine."), _chat("Hello there", "The quick brown fox jumps over the lazy dog.")]
+    cpu_task, loaded = _task(tok, rows)
+    gpu_task, _ = _task(tok, rows)
+    gpu_task.use_device("cuda")  # only shapes batches: nothing is moved, so no GPU is needed
+    feats = cpu_task.features(loaded, train=True)
+    longest = max(len(f["input_ids"]) for f in feats)
+    assert longest % 8 != 0  # otherwise the test cannot tell the two apart
+    assert cpu_task.collate(feats)["input_ids"].shape[1] == longest
+    padded = gpu_task.collate(feats)
+    assert padded["input_ids"].shape[1] == -(-longest // 8) * 8
+    assert (padded["labels"][:, longest:] == -100).all()
+    cpu_task.use_device("cpu")  # the setting is per task: one task's device never changes another's batches
+    assert cpu_task.collate(feats)["input_ids"].shape[1] == longest
+
+
 def _tiny_llama(tok, path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -263,8 +263,7 @@ def run(cfg: FinetuneConfig) -> dict:
 
     # ---- model, tokenizer and data ----------------------------------------------------------------------------
     task = get_task(cfg.task)(cfg)
-    from lmforge.tasks import base as task_base
-    task_base.PAD_TO_MULTIPLE = 8 if rt.device.type == "cuda" else 1
+    task.use_device(rt.device)
     path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(path)
     train, others = _load_data(cfg, task)

@@ -91,7 +91,7 @@ class ClassifyTask(Task):
 
     def collate(self, feats: list[dict]) -> dict[str, torch.Tensor]:
         batch = pad_batch(feats, {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0,
-                                  "token_type_ids": 0})
+                                  "token_type_ids": 0}, self.pad_multiple)
         if "labels" in feats[0]:
             dtype = torch.float32 if self.regression else torch.long
             batch["labels"] = torch.tensor([f["labels"] for f in feats], dtype=dtype)

@@ -165,8 +165,8 @@ def best_span(context: str, windows: list[WindowLogits], n_best: int = 20, max_a
 
 # ----------------------------------------------------------------------------------------------- model
 
-def _model_batch(feats: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    return pad_batch(feats, {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0})
+def _model_batch(feats: list[dict], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
+    return pad_batch(feats, {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0}, multiple)
 
 
 def _pad_id(tokenizer) -> int:
@@ -287,7 +287,7 @@ class QATask(Task):
         return [{k: w[k] for k in keep if k in w} for w in windows]
 
     def collate(self, feats: list[dict]) -> dict[str, torch.Tensor]:
-        batch = _model_batch(feats, _pad_id(self.tokenizer))  # (B, T) each
+        batch = _model_batch(feats, _pad_id(self.tokenizer), self.pad_multiple)  # (B, T) each
         if "start_positions" in feats[0]:
             batch["start_positions"] = torch.tensor([f["start_positions"] for f in feats], dtype=torch.long)  # (B,)
             batch["end_positions"] = torch.tensor([f["end_positions"] for f in feats], dtype=torch.long)  # (B,)

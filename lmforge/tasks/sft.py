@@ -384,7 +384,8 @@ class SFTTask(Task):
         return feats
 
     def collate(self, feats: list[dict]) -> dict[str, torch.Tensor]:
-        return pad_batch(feats, {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "labels": -100})
+        return pad_batch(feats, {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "labels": -100},
+                         self.pad_multiple)
 
     @torch.no_grad()
     def evaluate(self, model, loaded: Loaded, autocast_ctx, device, batch_size: int) -> EvalResult:

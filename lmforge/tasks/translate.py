@@ -355,8 +355,8 @@ class TranslateTask(Task):
     def collate(self, feats: list[dict]) -> dict[str, torch.Tensor]:
         pad = self.tokenizer.pad_token_id
         if not self.seq2seq:
-            return pad_batch(feats, {"input_ids": pad, "attention_mask": 0, "labels": -100})
-        batch = pad_batch(feats, {"input_ids": pad, "attention_mask": 0})
+            return pad_batch(feats, {"input_ids": pad, "attention_mask": 0, "labels": -100}, self.pad_multiple)
+        batch = pad_batch(feats, {"input_ids": pad, "attention_mask": 0}, self.pad_multiple)
         if "labels" in feats[0]:
             # targets have their own length: pad them separately (the model shifts them into decoder inputs)
             T = max(len(f["labels"]) for f in feats)
