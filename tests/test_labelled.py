@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.data.labelled import (BUILTIN_SETS, build_label_map, check_labels, holdout, load_examples,
-                                   resolve_data)
+                                   load_texts, resolve_data)
 from lmforge.errors import LmforgeError
 
 
@@ -390,3 +390,17 @@ def test_holdout_is_deterministic_and_keeps_duplicates_together():
 def test_empty_json_file(tmp_path):
     assert_has(error(str(write(tmp_path / "e.json", "  \n")), "classify"), "e.json", "no examples")
     assert_has(error(str(write(tmp_path / "l.json", "[]")), "classify"), "l.json", "no examples")
+
+
+def test_load_texts_guesses_or_takes_the_named_field(tmp_path):
+    f = jsonl(tmp_path / "in.jsonl", {"Sentence": "a fine film", "id": 1}, {"text": "dull"})
+    assert load_texts(str(f)) == [{"text": "a fine film"}, {"text": "dull"}]
+    named = jsonl(tmp_path / "named.jsonl", {"review_body": "a fine film", "text": "not this one"})
+    assert load_texts(str(named), "review_body") == [{"text": "a fine film"}]
+    with pytest.raises(LmforgeError) as exc:
+        load_texts(str(f), "review_body")  # a named field is required on every record, exactly as named
+    assert_has(str(exc.value), "in.jsonl:1", "review_body", "fields: Sentence, id")
+    bad = jsonl(tmp_path / "bad.jsonl", {"text": "fine"}, {"text": 3})
+    with pytest.raises(LmforgeError) as exc:
+        load_texts(str(bad))
+    assert_has(str(exc.value), "bad.jsonl:2", "no text field")

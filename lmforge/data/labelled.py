@@ -706,17 +706,23 @@ def load_examples(spec: str, task: str, fields: dict[str, str | None] | None = N
     return Loaded(rows=rows, source=src, line_numbers=lines, skipped=skipped, fields=resolved or {})
 
 
-def load_texts(spec: str) -> list[dict]:
-    """Unlabelled inputs for prediction: each record's text (text, sentence, source, prompt or content)."""
+_TEXT_FIELDS = ("text", "sentence", "source", "prompt", "content")
+
+
+def load_texts(spec: str, field: str | None = None) -> list[dict]:
+    """Unlabelled inputs for prediction: each record's `field` (exactly, as explicit field names are), or without
+    one its text, sentence, source, prompt or content field (case-insensitively, as guessed fields are)."""
     path, src = resolve_data(spec)
+    looked = (field,) if field else _TEXT_FIELDS
     rows = []
     for rec in _iter_records(path, src):
         if rec.error:
             raise LmforgeError(rec.error)
-        text = next((rec.obj[k] for k in ("text", "sentence", "source", "prompt", "content") if k in rec.obj), None)
-        if not isinstance(text, str):
-            raise LmforgeError(f"{rec.loc}: no text field (text, sentence, source, prompt or content)")
-        rows.append({"text": text})
+        key = (field if field in rec.obj else None) if field else _find(rec.obj, _TEXT_FIELDS)
+        if key is None or not isinstance(rec.obj[key], str):
+            raise LmforgeError(f"{rec.loc}: no text field: looked for {', '.join(looked)} "
+                               f"(fields: {', '.join(map(str, rec.obj)) or 'none'})")
+        rows.append({"text": rec.obj[key]})
     return rows
 
 

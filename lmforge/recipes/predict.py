@@ -43,7 +43,9 @@ def _rows(cfg: PredictConfig, task: str, t) -> list[dict]:
             if task == "qa" or "field" not in str(e):
                 raise
             from lmforge.data.labelled import load_texts
-            return load_texts(cfg.input)
+
+            given = t.fields()  # the text field the model was fine-tuned with, when one was named
+            return load_texts(cfg.input, next((given[k] for k in ("text", "source", "prompt") if given.get(k)), None))
     if task == "qa":
         if not cfg.question or not cfg.context:
             raise LmforgeError("qa needs --question and --context (or --input FILE)")
