@@ -145,18 +145,28 @@ def main() -> None:
 
 
 def summarize(runs: dict[str, list[dict]], setup: dict) -> dict:
-    """Means over seeds, the standard error of each mean accuracy, and lmforge's speed ratios."""
-    keys = ("samples_per_s", "test_accuracy", "validation_accuracy")
-    mean = {side: {k: float(np.mean([r[k] for r in rs])) for k in keys} for side, rs in runs.items() if rs}
-    for side, rs in runs.items():  # seed-to-seed spread
+    """Means over seeds with the standard error of each mean accuracy, lmforge's speed ratios, and lmforge's
+    accuracy minus each Trainer's paired by seed (the seed fixes the data order and head initialisation)."""
+    def mean_se(values: list[float]) -> tuple[float, float | None]:
+        return float(np.mean(values)), (float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1
+                                         else None)
+
+    mean = {}
+    for side, rs in runs.items():
+        if not rs:
+            continue
+        mean[side] = {"samples_per_s": float(np.mean([r["samples_per_s"] for r in rs]))}
         for k in ("test_accuracy", "validation_accuracy"):
-            if side in mean:
-                mean[side][f"{k}_se"] = (float(np.std([r[k] for r in rs], ddof=1) / np.sqrt(len(rs)))
-                                         if len(rs) > 1 else None)
+            mean[side][k], mean[side][f"{k}_se"] = mean_se([r[k] for r in rs])
     summary = {"setup": setup, "mean": mean, "runs": runs}
     for other in ("hf_default", "hf_tuned"):
         if other in mean and "lmforge" in mean:
             summary[f"ratio_vs_{other}"] = mean["lmforge"]["samples_per_s"] / mean[other]["samples_per_s"]
+            theirs = {r["seed"]: r for r in runs[other]}
+            pairs = [(r, theirs[r["seed"]]) for r in runs["lmforge"] if r["seed"] in theirs]
+            summary[f"paired_vs_{other}"] = {"seeds": len(pairs), **{
+                f"{k}_diff{suffix}": v for k in ("test_accuracy", "validation_accuracy")
+                for suffix, v in zip(("", "_se"), mean_se([a[k] - b[k] for a, b in pairs]))}}
     return summary
 
 
@@ -169,6 +179,11 @@ def report(summary: dict, json_path: str = "") -> None:
                   f"accuracy lmforge {100 * mean['lmforge']['test_accuracy']:.2f} % vs "
                   f"{100 * mean[other]['test_accuracy']:.2f} % (validation "
                   f"{100 * mean['lmforge']['validation_accuracy']:.2f} % vs {100 * mean[other]['validation_accuracy']:.2f} %)")
+            paired = summary[f"paired_vs_{other}"]
+            se = paired["test_accuracy_diff_se"]
+            print(f"  paired by seed ({paired['seeds']} seeds): lmforge minus Trainer {other[3:]} "
+                  f"{100 * paired['test_accuracy_diff']:+.2f}" + (f" ± {100 * se:.2f}" if se is not None else "")
+                  + f" points on test, {100 * paired['validation_accuracy_diff']:+.2f} on validation")
     if json_path:
         Path(json_path).write_text(json.dumps(summary, indent=2))
 
