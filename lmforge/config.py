@@ -19,8 +19,13 @@ import yaml
 from lmforge.errors import LmforgeError, closest
 
 
+_BOUNDS = {"gt": ("more than", lambda v, b: v > b), "ge": ("at least", lambda v, b: v >= b),
+           "lt": ("less than", lambda v, b: v < b), "le": ("at most", lambda v, b: v <= b)}
+
+
 def opt(default: Any = None, help: str = "", **extra) -> Any:
-    """A config field with its help text (and argparse extras such as choices)."""
+    """A config field with its help text, argparse extras such as choices, and numeric bounds checked by `build`:
+    gt/ge/lt/le, e.g. opt(1, "batches per step", ge=1)."""
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **extra})
     return dataclasses.field(default=default, metadata={"help": help, **extra})
@@ -53,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     for name, f in _fields(cls).items():
         tp, is_list = _base_type(f.type)
         flag = "--" + name.replace("_", "-")
-        meta = dict(f.metadata)
+        meta = {k: v for k, v in f.metadata.items() if k not in _BOUNDS}
         help_text = meta.pop("help", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if default not in (None, [], "") and tp is not bool:
@@ -122,8 +127,18 @@ def build(cls, values: dict, source: str = "config"):
         if choices and value is not None and value not in choices:
             raise LmforgeError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}"
                                f"{closest(str(value), map(str, choices))}")
+        _check_bounds(fields[name].metadata, value, f"--{name.replace('_', '-')}" if source == "options" else where)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _check_bounds(meta, value, where: str) -> None:
+    bounds = [(k, meta[k]) for k in _BOUNDS if k in meta]
+    if not bounds or value is None:
+        return
+    if not all(_BOUNDS[k][1](value, b) for k, b in bounds):
+        rule = " and ".join(f"{_BOUNDS[k][0]} {b}" for k, b in bounds)
+        raise LmforgeError(f"{where} must be {rule} (got {value!r})")
 
 
 def resolve(cls, args: argparse.Namespace, base: dict | None = None):

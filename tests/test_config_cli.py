@@ -82,6 +82,28 @@ def test_yaml_wrong_type_is_a_clear_error(tmp_path):
     assert_user_error(cli("pretrain", "--config", cfg), "batch_size", "expected int", "'lots'")
 
 
+@pytest.mark.parametrize("argv,fragment", [
+    (["finetune", "--task", "classify", "--lr", "-1"], "--lr must be at least 0 (got -1.0)"),
+    (["finetune", "--task", "classify", "--grad-accum", "0"], "--grad-accum must be at least 1"),
+    (["finetune", "--task", "classify", "--warmup-ratio", "1.5"], "--warmup-ratio must be at least 0 and at most 1"),
+    (["finetune", "--task", "sft", "--lora", "--lora-r", "0"], "--lora-r must be at least 1"),
+    (["pretrain", "--val-fraction", "1"], "--val-fraction must be more than 0 and less than 1"),
+    (["serve", "--model", "x", "--port", "70000"], "--port must be at least 0 and at most 65535"),
+    (["generate", "--model", "x", "--top-p", "0"], "--top-p must be more than 0"),
+])
+def test_out_of_range_options_are_refused_before_any_work(argv, fragment, tmp_path):
+    # a negative learning rate used to reach torch's ValueError traceback; --grad-accum 0 a ZeroDivisionError
+    assert_user_error(cli(*argv, "--out", tmp_path / "x") if argv[0] in ("finetune", "pretrain") else cli(*argv),
+                      fragment)
+    assert not (tmp_path / "x").exists()
+
+
+def test_out_of_range_yaml_value_names_the_file(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("batch_size: 0\n", encoding="utf-8")
+    assert_user_error(cli("pretrain", "--config", cfg), str(cfg), "field 'batch_size' must be at least 1 (got 0)")
+
+
 def test_yaml_not_a_mapping(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("- a\n- b\n", encoding="utf-8")

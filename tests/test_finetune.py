@@ -87,6 +87,24 @@ def test_classify_end_to_end_loads_with_plain_transformers(tiny_bert, sentiment,
     assert json.loads(ev.out)["accuracy"] == pytest.approx(metrics["validation"]["accuracy"])
 
 
+def test_predict_reads_the_field_the_training_data_had(tiny_bert, tmp_path):
+    # 'review'/'sentiment' are guessed at training; unlabelled rows with a 'review' field must predict too
+    rows = [{"review": t, "sentiment": "pos"} for t in POS] + [{"review": t, "sentiment": "neg"} for t in NEG]
+    train = _write_jsonl(tmp_path / "train.jsonl", rows * 2)
+    out = tmp_path / "run"
+    res = cli("finetune", "--task", "classify", "--model", tiny_bert, "--train", train, "--out", out,
+              "--max-steps", "2", "--batch-size", "8", "--no-progress")
+    assert res.code == 0, res.err
+    saved = yaml.safe_load((out / "final" / "lmforge_config.yaml").read_text())
+    assert saved["data_fields"] == {"text": "review", "label": "sentiment"}
+    unlabelled = _write_jsonl(tmp_path / "in.jsonl", [{"Review": "a joy to watch"}, {"text": "dull"}])
+    pred = cli("predict", "--model", out, "--input", unlabelled)
+    assert pred.code == 0, pred.err
+    assert len(pred.out.splitlines()) == 2
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"comment": "no known field"}])
+    assert_user_error(cli("predict", "--model", out, "--input", bad), "bad.jsonl:1", "review")
+
+
 def test_attention_kernel_choice():
     from lmforge.recipes.finetune import _attention
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.data.labelled import (BUILTIN_SETS, build_label_map, check_labels, holdout, load_examples,
-                                   load_texts, resolve_data)
+                                   input_field_guesses, load_texts, resolve_data)
 from lmforge.errors import LmforgeError
 
 
@@ -404,3 +404,10 @@ def test_load_texts_guesses_or_takes_the_named_field(tmp_path):
     with pytest.raises(LmforgeError) as exc:
         load_texts(str(bad))
     assert_has(str(exc.value), "bad.jsonl:2", "no text field")
+
+
+def test_input_field_guesses_put_the_trained_field_first():
+    assert input_field_guesses("classify", "Body")[:2] == ("body", "text")
+    assert "review" in input_field_guesses("classify") and "src" in input_field_guesses("translate")
+    assert input_field_guesses("sft")[0] == "prompt" and input_field_guesses("qa") == ("text", "sentence", "source",
+                                                                                       "prompt", "content")

@@ -707,18 +707,27 @@ def load_examples(spec: str, task: str, fields: dict[str, str | None] | None = N
 
 
 _TEXT_FIELDS = ("text", "sentence", "source", "prompt", "content")
+_INPUT_ROLE = {"classify": "text", "translate": "source", "sft": "prompt"}  # what a model reads at prediction
 
 
-def load_texts(spec: str, field: str | None = None) -> list[dict]:
+def input_field_guesses(task: str, trained: str | None = None) -> tuple[str, ...]:
+    """Names to guess the input field of an unlabelled row by: the field the model was trained on first, then
+    the names its task guesses for that role (classify: text, sentence, review...), then the generic ones."""
+    role = _INPUT_ROLE.get(task)
+    own = next((r.candidates for r in _ROLES.get(task, []) if r.name == role), ())
+    return tuple(dict.fromkeys(((trained.lower(),) if trained else ()) + own + _TEXT_FIELDS))
+
+
+def load_texts(spec: str, field: str | None = None, guesses: tuple[str, ...] = _TEXT_FIELDS) -> list[dict]:
     """Unlabelled inputs for prediction: each record's `field` (exactly, as explicit field names are), or without
-    one its text, sentence, source, prompt or content field (case-insensitively, as guessed fields are)."""
+    one the first of `guesses` it has (case-insensitively, as guessed fields are)."""
     path, src = resolve_data(spec)
-    looked = (field,) if field else _TEXT_FIELDS
+    looked = (field,) if field else guesses
     rows = []
     for rec in _iter_records(path, src):
         if rec.error:
             raise LmforgeError(rec.error)
-        key = (field if field in rec.obj else None) if field else _find(rec.obj, _TEXT_FIELDS)
+        key = (field if field in rec.obj else None) if field else _find(rec.obj, guesses)
         if key is None or not isinstance(rec.obj[key], str):
             raise LmforgeError(f"{rec.loc}: no text field: looked for {', '.join(looked)} "
                                f"(fields: {', '.join(map(str, rec.obj)) or 'none'})")

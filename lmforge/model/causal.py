@@ -27,9 +27,12 @@ class HFCausalLM(nn.Module):
         super().__init__()
         self.hf = hf_model
         self.max_seq_len = getattr(hf_model.config, "max_position_embeddings", None) or 2048
+        # transformers 5.x renamed forward's past_key_values to cache (the old name goes in 5.40): ask the model
+        import inspect
+        self.cache_arg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
 
     def forward(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
-        out = self.hf(input_ids=idx, past_key_values=cache, use_cache=cache is not None)
+        out = self.hf(input_ids=idx, use_cache=cache is not None, **{self.cache_arg: cache})
         return out.logits
 
     def new_cache(self, batch: int, max_len: int, dtype=None):

@@ -31,12 +31,12 @@ QUIT = ("/quit", "/exit", "/bye")
 class ChatConfig:
     model: str = opt("", "model folder, lmforge output folder, alias (smollm2-135m) or hub id")
     system: str = opt("", "system message that opens the conversation (kept when old turns are dropped)")
-    max_new_tokens: int = opt(256, "tokens per reply at most (capped at half the context window)")
-    temperature: float = opt(0.7, "sampling temperature (0: greedy)")
-    top_k: int = opt(50, "sample from the k most likely tokens (0: off)")
-    top_p: float = opt(1.0, "nucleus sampling: smallest set with this much probability (1: off)")
+    max_new_tokens: int = opt(256, "tokens per reply at most (capped at half the context window)", ge=1)
+    temperature: float = opt(0.7, "sampling temperature (0: greedy)", ge=0)
+    top_k: int = opt(50, "sample from the k most likely tokens (0: off)", ge=0)
+    top_p: float = opt(1.0, "nucleus sampling: smallest set with this much probability (1: off)", gt=0, le=1)
     seed: int | None = opt(None, "random seed for reproducible replies (turn n uses seed + n)")
-    context: int | None = opt(None, "context window in tokens (default and maximum: the model's)")
+    context: int | None = opt(None, "context window in tokens (default and maximum: the model's)", ge=8)
 
 
 def run(cfg: ChatConfig) -> int:
@@ -76,16 +76,6 @@ class Chat:
 
         if not cfg.model:
             raise LmforgeError("--model is required")
-        if cfg.max_new_tokens < 1:
-            raise LmforgeError("--max-new-tokens must be at least 1")
-        if cfg.temperature < 0:
-            raise LmforgeError("--temperature must be 0 (greedy) or more")
-        if not 0 < cfg.top_p <= 1:
-            raise LmforgeError("--top-p must be in (0, 1]")
-        if cfg.top_k < 0:
-            raise LmforgeError("--top-k must be 0 (off) or more")
-        if cfg.context is not None and cfg.context < 8:
-            raise LmforgeError("--context must be at least 8 tokens")
         self.cfg = cfg
         path = resolve_model(cfg.model)
         self.tokenizer = load_tokenizer(path)

@@ -27,16 +27,16 @@ class EvaluateConfig:
     data: list[str] = opt([], "text files, folders, or built-in corpora; for tasks a labelled file or built-in set "
                               "(a bare built-in name means its test split)")
     text_field: str = opt("text", "JSON field holding the text in .jsonl files")
-    context: int = opt(0, "window length in tokens (0: the model's, at most 1024)")
-    batch_size: int = opt(8, "windows per forward pass")
-    max_tokens: int = opt(0, "score at most this many tokens (0: all)")
+    context: int = opt(0, "window length in tokens (0: the model's, at most 1024)", ge=0)
+    batch_size: int = opt(8, "windows per forward pass", ge=1)
+    max_tokens: int = opt(0, "score at most this many tokens (0: all)", ge=0)
     split: str = opt("all", "'all' the text, or the 'val' tail that pretrain holds out", choices=["all", "val"])
-    val_fraction: float = opt(0.05, "with --split val: the held-out fraction used in pretraining")
+    val_fraction: float = opt(0.05, "with --split val: the held-out fraction used in pretraining", gt=0, lt=1)
     precision: str = opt("fp32", "numeric precision", choices=["auto", "bf16", "fp32"])
     field: list[str] = opt([], "tasks: field names as ROLE=NAME, e.g. text=sentence label=polarity")
-    max_examples: int = opt(0, "tasks: score at most this many examples (0: all)")
-    num_beams: int = opt(0, "translate/sft: beam width (0: as fine-tuned)")
-    max_new_tokens: int = opt(0, "translate/sft: tokens generated at most per example (0: as fine-tuned)")
+    max_examples: int = opt(0, "tasks: score at most this many examples (0: all)", ge=0)
+    num_beams: int = opt(0, "translate/sft: beam width (0: as fine-tuned)", ge=0)
+    max_new_tokens: int = opt(0, "translate/sft: tokens generated at most per example (0: as fine-tuned)", ge=0)
     predictions: str | None = opt(None, "tasks: also write per-example predictions to this JSONL file")
 
 

@@ -35,17 +35,17 @@ class FinetuneConfig:
     test: str | None = opt(None, "test data (default: the built-in set's test split)")
     out: str = opt("", "output folder")
     # ---- how long and how fast
-    epochs: float = opt(0.0, "passes over the training data (0: the task's default)")
-    max_steps: int = opt(0, "stop after this many optimizer steps (overrides --epochs)")
-    max_minutes: float = opt(0.0, "train for about this long (the schedule is fitted to the measured speed)")
-    batch_size: int = opt(0, "examples per batch (0: the task's default)")
-    eval_batch_size: int = opt(64, "examples per evaluation batch")
-    grad_accum: int = opt(1, "batches per optimizer step")
-    lr: float = opt(0.0, "peak learning rate (0: the task's default, higher with --lora)")
-    weight_decay: float = opt(0.01, "AdamW weight decay on weight matrices")
-    warmup_ratio: float = opt(0.06, "fraction of steps spent warming up the LR")
-    grad_clip: float = opt(1.0, "clip the gradient norm (0: off)")
-    max_length: int = opt(0, "truncate inputs to this many tokens (0: the task's default)")
+    epochs: float = opt(0.0, "passes over the training data (0: the task's default)", ge=0)
+    max_steps: int = opt(0, "stop after this many optimizer steps (overrides --epochs)", ge=0)
+    max_minutes: float = opt(0.0, "train for about this long (the schedule is fitted to the measured speed)", ge=0)
+    batch_size: int = opt(0, "examples per batch (0: the task's default)", ge=0)
+    eval_batch_size: int = opt(64, "examples per evaluation batch", ge=1)
+    grad_accum: int = opt(1, "batches per optimizer step", ge=1)
+    lr: float = opt(0.0, "peak learning rate (0: the task's default, higher with --lora)", ge=0)
+    weight_decay: float = opt(0.01, "AdamW weight decay on weight matrices", ge=0)
+    warmup_ratio: float = opt(0.06, "fraction of steps spent warming up the LR", ge=0, le=1)
+    grad_clip: float = opt(1.0, "clip the gradient norm (0: off)", ge=0)
+    max_length: int = opt(0, "truncate inputs to this many tokens (0: the task's default)", ge=0)
     precision: str = opt("auto", "numeric precision (auto: bf16 where supported and faster)",
                          choices=["auto", "bf16", "fp16", "fp32"])
     device: str = opt("auto", "cpu, cuda, mps or auto")
@@ -54,19 +54,19 @@ class FinetuneConfig:
                          choices=["auto", "eager", "sdpa"])
     gradient_checkpointing: bool = opt(False, "recompute activations in backward: less memory, ~30% slower")
     group_by_length: bool = opt(True, "batch examples of similar length (much less padding)")
-    evals_per_epoch: int = opt(1, "evaluations on the validation set per epoch")
-    max_train_examples: int = opt(0, "use at most this many training examples (0: all)")
-    max_eval_examples: int = opt(0, "score at most this many validation/test examples (0: all)")
+    evals_per_epoch: int = opt(1, "evaluations on the validation set per epoch", ge=1)
+    max_train_examples: int = opt(0, "use at most this many training examples (0: all)", ge=0)
+    max_eval_examples: int = opt(0, "score at most this many validation/test examples (0: all)", ge=0)
     seed: int = opt(42, "random seed")
     resume: bool = opt(False, "continue from the latest checkpoint in --out (its saved config is reused)")
-    stop_after_steps: int = opt(0, "stop (with a checkpoint) after this many steps of this invocation")
+    stop_after_steps: int = opt(0, "stop (with a checkpoint) after this many steps of this invocation", ge=0)
     progress: bool = opt(True, "show a progress bar")
     skip_bad_rows: bool = opt(False, "skip malformed rows (and report them) instead of stopping")
     # ---- LoRA
     lora: bool = opt(False, "train low-rank adapters (PEFT LoRA) instead of all weights")
-    lora_r: int = opt(16, "LoRA rank")
-    lora_alpha: int = opt(32, "LoRA scaling alpha")
-    lora_dropout: float = opt(0.05, "dropout on the LoRA path")
+    lora_r: int = opt(16, "LoRA rank", ge=1)
+    lora_alpha: int = opt(32, "LoRA scaling alpha", gt=0)
+    lora_dropout: float = opt(0.05, "dropout on the LoRA path", ge=0, lt=1)
     lora_targets: list[str] = opt([], "module names to adapt (default: per architecture, attention + MLP)")
     save_adapter: bool = opt(False, "save the PEFT adapter in DIR/final instead of merging it into the weights")
     # ---- field names (guessed from common names when not given)
@@ -85,14 +85,14 @@ class FinetuneConfig:
     source_field: str | None = opt(None, "translate: the source-language field (e.g. en)")
     target_field: str | None = opt(None, "translate: the target-language field (e.g. es)")
     # ---- task details
-    doc_stride: int = opt(128, "qa: overlap between windows of a long context (tokens)")
-    max_answer_length: int = opt(30, "qa: longest answer span considered (tokens)")
-    n_best: int = opt(20, "qa: start/end candidates considered per window")
-    num_beams: int = opt(1, "translate/sft evaluation: beam search width (1: greedy)")
-    max_new_tokens: int = opt(128, "translate/sft: tokens generated at most per example")
+    doc_stride: int = opt(128, "qa: overlap between windows of a long context (tokens)", ge=1)
+    max_answer_length: int = opt(30, "qa: longest answer span considered (tokens)", ge=1)
+    n_best: int = opt(20, "qa: start/end candidates considered per window", ge=1)
+    num_beams: int = opt(1, "translate/sft evaluation: beam search width (1: greedy)", ge=1)
+    max_new_tokens: int = opt(128, "translate/sft: tokens generated at most per example", ge=1)
     prompt_template: str | None = opt(None, "translate with a decoder-only model: prompt with {source}, "
                                             "{source_lang}, {target_lang}")
-    eval_samples: int = opt(3, "sft: sample generations shown after each evaluation")
+    eval_samples: int = opt(3, "sft: sample generations shown after each evaluation", ge=0)
 
 
 # Default LoRA targets per architecture: attention and MLP projections (what the LoRA and QLoRA papers adapt).
@@ -200,7 +200,10 @@ def _wrap_lora(cfg: FinetuneConfig, model, task):
                            f"of this {mtype} model")
     lcfg = LoraConfig(task_type=getattr(TaskType, task.peft_task_type), r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                       lora_dropout=cfg.lora_dropout, target_modules=targets)
-    return get_peft_model(model, lcfg)
+    import warnings
+    with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_checkpointing: not the user's
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lcfg)
 
 
 def _trainable_state(model) -> dict:
@@ -280,7 +283,8 @@ def run(cfg: FinetuneConfig) -> dict:
     if cfg.lora:
         model = _wrap_lora(cfg, model, task)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5.x renamed it (the old name is deprecated); older 5.x releases only have the old one
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         if cfg.lora:
             model.enable_input_require_grads()
     model.to(rt.device)
@@ -319,6 +323,8 @@ def run(cfg: FinetuneConfig) -> dict:
     resolved = dict(C.to_dict(cfg), lr=lr, batch_size=batch_size, max_steps=max_steps, precision=precision,
                     attention=kernel if kernel in ("eager", "sdpa") else cfg.attention)
     extras = {"task": cfg.task, "base_model": str(path), "lora": cfg.lora, **task.config_extras(),
+              # the fields read from the training data, guessed or named: predict --input looks for them first
+              "data_fields": {k: v for k, v in train.fields.items() if k in task.fields()},
               "finetune": resolved}
     config_yaml = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
     log = MetricsLog(out, enabled=rt.is_main)

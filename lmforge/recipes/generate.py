@@ -18,10 +18,10 @@ class GenerateConfig:
     model: str = opt("", "model folder, lmforge output folder, alias (smollm2-135m) or hub id")
     prompt: str = opt("", "text to continue")
     chat: bool = opt(False, "wrap the prompt as a user message with the model's chat template")
-    max_new_tokens: int = opt(128, "tokens to generate at most")
-    temperature: float = opt(0.8, "sampling temperature (0: greedy)")
-    top_k: int = opt(50, "sample from the k most likely tokens (0: off)")
-    top_p: float = opt(1.0, "nucleus sampling: smallest set with this much probability (1: off)")
+    max_new_tokens: int = opt(128, "tokens to generate at most", ge=1)
+    temperature: float = opt(0.8, "sampling temperature (0: greedy)", ge=0)
+    top_k: int = opt(50, "sample from the k most likely tokens (0: off)", ge=0)
+    top_p: float = opt(1.0, "nucleus sampling: smallest set with this much probability (1: off)", gt=0, le=1)
     seed: int | None = opt(None, "random seed for reproducible samples")
     stats: bool = opt(False, "print tokens/s to stderr at the end")
 
@@ -43,8 +43,6 @@ def _run(cfg: GenerateConfig) -> int:
 
     if not cfg.model:
         raise LmforgeError("--model is required")
-    if cfg.max_new_tokens < 1:
-        raise LmforgeError("--max-new-tokens must be at least 1")
     path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(path).eval()

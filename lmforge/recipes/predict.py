@@ -27,12 +27,12 @@ class PredictConfig:
     question: str = opt("", "qa: the question")
     context: str = opt("", "qa: the passage to find the answer in")
     input: str | None = opt(None, "a data file (.jsonl/.csv/...) whose rows to predict")
-    max_new_tokens: int = opt(256, "translate/sft: tokens to generate at most")
-    num_beams: int = opt(1, "translate/sft: beam width (1: greedy)")
-    batch_size: int = opt(16, "inputs per batch")
+    max_new_tokens: int = opt(256, "translate/sft: tokens to generate at most", ge=1)
+    num_beams: int = opt(1, "translate/sft: beam width (1: greedy)", ge=1)
+    batch_size: int = opt(16, "inputs per batch", ge=1)
 
 
-def _rows(cfg: PredictConfig, task: str, t) -> list[dict]:
+def _rows(cfg: PredictConfig, task: str, t, extras: dict) -> list[dict]:
     from lmforge.data.labelled import load_examples
 
     if cfg.input:
@@ -42,10 +42,14 @@ def _rows(cfg: PredictConfig, task: str, t) -> list[dict]:
             # Prediction inputs have no labels/answers/targets: fall back to the text field alone.
             if task == "qa" or "field" not in str(e):
                 raise
-            from lmforge.data.labelled import load_texts
+            from lmforge.data.labelled import input_field_guesses, load_texts
 
-            given = t.fields()  # the text field the model was fine-tuned with, when one was named
-            return load_texts(cfg.input, next((given[k] for k in ("text", "source", "prompt") if given.get(k)), None))
+            named = next((v for k, v in t.fields().items() if k in ("text", "source", "prompt") and v), None)
+            if named:  # the model was fine-tuned with --text-field and the like: the same name, exactly
+                return load_texts(cfg.input, named)
+            trained = next((v for k, v in (extras.get("data_fields") or {}).items()
+                            if k in ("text", "source", "prompt")), None)  # guessed in the training data: 'review'
+            return load_texts(cfg.input, guesses=input_field_guesses(task, trained))
     if task == "qa":
         if not cfg.question or not cfg.context:
             raise LmforgeError("qa needs --question and --context (or --input FILE)")
@@ -70,7 +74,7 @@ def run(cfg: PredictConfig) -> int:
     with torch.no_grad():
         t, model, tokenizer, extras = load_for_task(path, task, {"num_beams": cfg.num_beams,
                                                                  "max_new_tokens": cfg.max_new_tokens})
-        rows = _rows(cfg, task, t)
+        rows = _rows(cfg, task, t, extras)
         for row, result in zip(rows, predict_rows(task, t, model, tokenizer, extras, rows, cfg)):
             print(json.dumps(result, ensure_ascii=False), flush=True)
     return 0

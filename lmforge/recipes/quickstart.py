@@ -21,11 +21,11 @@ from lmforge.config import opt
 @dataclass
 class QuickstartConfig:
     out: str = opt("runs/quickstart", "folder for everything the quickstart makes")
-    minutes: float = opt(3.0, "minutes of pretraining")
+    minutes: float = opt(3.0, "minutes of pretraining", gt=0)
     size: str = opt("small", "model preset for pretraining", choices=["tiny", "small", "base"])
     prompt: str = opt("ROMEO:\n", "prompt for the generated sample")
     finetune: bool = opt(True, "also fine-tune and evaluate a sentiment classifier (stage 2)")
-    finetune_minutes: float = opt(2.0, "minutes of classifier fine-tuning")
+    finetune_minutes: float = opt(2.0, "minutes of classifier fine-tuning", gt=0)
     progress: bool = opt(True, "show progress bars")
 
 

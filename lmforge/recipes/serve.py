@@ -27,13 +27,13 @@ from lmforge.errors import LmforgeError
 class ServeConfig:
     model: str = opt("", "model folder, lmforge output folder, alias (smollm2-135m, minilm-l6) or hub id")
     host: str = opt("127.0.0.1", "address to listen on; anything but loopback needs --api-key")
-    port: int = opt(8000, "TCP port")
+    port: int = opt(8000, "TCP port", ge=0, le=65535)
     api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' on /v1/* (default: $LMFORGE_API_KEY)")
     model_name: str | None = opt(None, "the model name clients send and see (default: the model folder's name)")
-    max_batch: int = opt(8, "sequences generated together (continuous batching; 1: one at a time)")
-    max_queue: int = opt(64, "requests waiting for a batch slot; more get 503 with Retry-After")
-    request_timeout: float = opt(300.0, "seconds a request may take (queue + generation) before 504")
-    max_tokens_limit: int = opt(4096, "largest max_tokens a request may ask for")
+    max_batch: int = opt(8, "sequences generated together (continuous batching; 1: one at a time)", ge=1)
+    max_queue: int = opt(64, "requests waiting for a batch slot; more get 503 with Retry-After", ge=1)
+    request_timeout: float = opt(300.0, "seconds a request may take (queue + generation) before 504", gt=0)
+    max_tokens_limit: int = opt(4096, "largest max_tokens a request may ask for", ge=1)
     cors_origin: list[str] = opt([], "browser origins allowed to call the API (default: none)")
     device: str = opt("auto", "where the model runs", choices=["auto", "cpu", "cuda", "mps"])
     precision: str = opt("auto", "weights' precision (auto: bf16 for generation on GPUs and on CPUs with native "
@@ -48,10 +48,6 @@ def run(cfg: ServeConfig) -> int:
         raise LmforgeError("--model is required")
     api_key = cfg.api_key or os.environ.get("LMFORGE_API_KEY") or None
     check_bind(cfg.host, api_key)  # before the (slow) model load
-    if not 0 <= cfg.port <= 65535:
-        raise LmforgeError(f"--port {cfg.port}: not a TCP port")
-    if cfg.max_batch < 1:
-        raise LmforgeError("--max-batch must be at least 1")
 
     import socket
 

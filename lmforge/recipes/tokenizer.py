@@ -16,8 +16,8 @@ from lmforge.errors import LmforgeError
 class TokenizerConfig:
     data: list[str] = opt([], "text files, folders of .txt/.jsonl, or built-in corpora")
     out: str = opt("", "output folder for the tokenizer")
-    vocab_size: int = opt(8192, "vocabulary size, special tokens included")
-    min_frequency: int = opt(2, "merge only pairs seen at least this often")
+    vocab_size: int = opt(8192, "vocabulary size, special tokens included", ge=1)
+    min_frequency: int = opt(2, "merge only pairs seen at least this often", ge=1)
     text_field: str = opt("text", "JSON field holding the text in .jsonl files")
 
 

@@ -186,6 +186,8 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 
 def format_duration(seconds: float) -> str:
+    if seconds < 60:  # a short run reads "4.2s", not "0m04s" (or "0m00s" under a second)
+        return f"{seconds:.1f}s"
     seconds = int(seconds)
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
