@@ -68,6 +68,23 @@ def cli_subprocess(*args, timeout: float = 120) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env=dict(os.environ))
 
 
+def cli_signalled(*args, out_dir: Path, sig: int, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run `python -m lmforge ARGS` and send it `sig` (Ctrl-C, or a scheduler's SIGTERM) as soon as
+    OUT_DIR/metrics.jsonl has a training-loss row, i.e. mid-run; then wait for it to exit."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    log, deadline = Path(out_dir) / "metrics.jsonl", time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if log.exists() and '"loss"' in log.read_text():
+            proc.send_signal(sig)
+            break
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def assert_user_error(res, *fragments: str) -> str:
     """Exit code 2, exactly one stderr line `lmforge: error: ...` containing every fragment, no traceback."""
     code = res.code if isinstance(res, CliResult) else res.returncode

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import assert_user_error, cli, metrics_rows
+from conftest import assert_user_error, cli, cli_signalled, metrics_rows
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -164,6 +165,33 @@ def test_resume_matches_uninterrupted(tiny_bert, sentiment, tmp_path):
             assert sa == sb and va == pytest.approx(vb, abs=1e-5), (key, sa, va, vb)
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "a", b))
     assert ma["validation"]["accuracy"] == mb["validation"]["accuracy"] and ma["best_step"] == mb["best_step"]
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_bert, sentiment, tmp_path):
+    train, val = sentiment
+    out = tmp_path / "run"
+    res = cli_signalled("finetune", "--task", "classify", "--model", tiny_bert, "--train", train, "--validation", val,
+                        "--out", out, "--max-steps", "400", "--batch-size", "4", "--no-progress",
+                        out_dir=out, sig=signal.SIGINT)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr and "stopped at step" in res.stdout, res.stdout
+    stopped = int(res.stdout.split("stopped at step ")[1].split(";")[0])
+    assert 10 <= stopped < 400 and not (out / "final").exists()
+    assert (out / "checkpoints" / f"step-{stopped:06d}" / "lmforge_state").is_dir()
+    res = cli("finetune", "--out", out, "--resume", "--no-progress")
+    assert res.code == 0, res.err
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 400 and (out / "final").is_dir()
+
+
+def test_fit_steps_follows_the_pace_and_the_budget():
+    from lmforge.recipes.finetune import fit_steps
+
+    # 60 s budget, 10 s gone at step 20, 0.5 s per step, no evaluation timed yet: 10 % of the rest is kept
+    assert fit_steps(60, 10, 20, 0.5, None, 100, 10 ** 9) == 20 + 90
+    # evaluations of 5 s every 10 steps: 50 s left - the final one = 45 s for steps of 0.5 + 0.5 s
+    assert fit_steps(60, 10, 20, 0.5, 5.0, 10, 10 ** 9) == 20 + 45
+    assert fit_steps(60, 10, 20, 0.5, None, 100, 50) == 50  # never past --epochs/--max-steps
+    assert fit_steps(60, 75, 20, 0.5, 5.0, 10, 10 ** 9) == 21  # over budget (a slowed machine): stop next step
 
 
 def test_bad_rows_are_named_or_skipped(tiny_bert, tmp_path):

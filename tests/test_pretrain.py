@@ -4,13 +4,14 @@ from __future__ import annotations
 import json
 import math
 import re
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import cli, metrics_rows, token_cache_entries
+from conftest import cli, cli_signalled, metrics_rows, token_cache_entries
 
 # A fast run that reuses the session tokenizer (no tokenizer training).
 FAST = ["--size", "tiny", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--context", "32",
@@ -140,6 +141,19 @@ def test_resume_is_exact(tmp_path, tiny_run):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, tiny_run):
+    out = tmp_path / "t"
+    res = cli_signalled(*fast_args(tiny_run, out, "--max-steps", "300", "--log-interval", "1", "--eval-interval",
+                                   "300"), out_dir=out, sig=signal.SIGTERM)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr and "stopped at step" in res.stdout, res.stdout
+    stopped = int(res.stdout.split("stopped at step ")[1].split(";")[0])
+    assert 1 <= stopped < 300 and not (out / "final").exists()
+    res = cli("pretrain", "--out", out, "--resume")
+    assert res.code == 0, res.err
+    assert [r["step"] for r in metrics_rows(out) if "loss" in r][-1] == 300 and (out / "final").is_dir()
 
 
 def test_resume_of_a_finished_run_is_harmless(tmp_path, tiny_run):

@@ -130,6 +130,23 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch
     return batches
 
 
+def fit_steps(budget_s: float, wall_s: float, step: int, s_per_step: float, s_per_eval: float | None,
+              eval_every: int, cap: int) -> int:
+    """The step count that ends a --max-minutes run near `budget_s` seconds of wall time, evaluations included.
+
+    What is left of the budget is shared between the remaining steps and the evaluations they bring (one per
+    `eval_every` steps, plus the final one); before any evaluation has been timed, 10 % is kept for them.
+    Re-fitted as the run goes, so a machine that slows down (a shared CPU) shortens the run instead of
+    overrunning it; never fewer than one more step, never more than `cap`.
+    """
+    left = budget_s - wall_s
+    if s_per_eval is None:
+        more = 0.9 * left / s_per_step
+    else:
+        more = (left - s_per_eval) / (s_per_step + s_per_eval / eval_every)
+    return max(step + 1, min(cap, step + int(more)))
+
+
 def _attention(choice: str, precision: str, device, max_length: int) -> str | None:
     """The attention kernel to train with (None: the model's own default).
 
@@ -250,8 +267,8 @@ def run(cfg: FinetuneConfig) -> dict:
     from lmforge.tasks import get_task
     from lmforge.tokenizer.bpe import load_tokenizer
     from lmforge.train import checkpoint as ckpt
-    from lmforge.train.common import (MetricsLog, autocast, build_optimizer, format_duration, resolve_precision,
-                                      setup_runtime, write_atomic)
+    from lmforge.train.common import (MetricsLog, StopOnSignal, autocast, build_optimizer, format_duration,
+                                      resolve_precision, setup_runtime, write_atomic)
 
     for name in ("task", "model", "train", "out"):
         if not getattr(cfg, name):
@@ -397,79 +414,95 @@ def run(cfg: FinetuneConfig) -> dict:
                dynamic_ncols=True, disable=not (cfg.progress and rt.is_main))
     model.train()
     t0, seen, timed_steps = time.time(), 0, 0
+    wall0, eval_seconds, shown = t0, [], 0  # the --max-minutes budget counts evaluations too
+    cap = plan["max_steps"] if cfg.max_steps or cfg.epochs else 10 ** 9
+    stop = StopOnSignal().install()
     last_eval = None  # (step, EvalResult) of the latest validation pass
     start_step, stopped = step, False
-    while step < plan["max_steps"]:
-        epoch = step * cfg.grad_accum // batches_per_epoch
-        order = length_grouped_batches(lengths, batch_size, cfg.seed, epoch, cfg.group_by_length)
-        order = order[rt.rank::rt.world_size][:batches_per_epoch]
-        first = step * cfg.grad_accum % batches_per_epoch
-        n_batches = (len(order) - first) // cfg.grad_accum * cfg.grad_accum
-        for b0 in range(first, first + n_batches, cfg.grad_accum):
-            loss_sum = 0.0
-            for idx in order[b0:b0 + cfg.grad_accum]:
-                batch = {k: v.to(rt.device) for k, v in task.collate([feats[i] for i in idx]).items()}
-                with amp():
-                    loss = train_model(**batch).loss / cfg.grad_accum
-                loss.backward()
-                loss_sum += loss.item()
-                seen += len(idx) * rt.world_size
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            timed_steps += 1
-            if not math.isfinite(loss_sum):
-                raise LmforgeError(f"loss became {loss_sum} at step {step}: lower --lr or use --precision fp32")
-            window[0] += loss_sum
-            window[1] += 1
-            elapsed = time.time() - t0
-            if cfg.max_minutes and timed_steps == 3:
-                t_warm = elapsed  # the first steps pay for allocator and kernel warm-up: not the pace
-            if cfg.max_minutes and timed_steps == 13:
-                # Fit the schedule to the time budget now that the speed is known (evaluations ~10% extra).
-                fit = step + int((cfg.max_minutes * 60 * 0.9 - elapsed) / ((elapsed - t_warm) / 10))
-                plan["max_steps"] = max(step + 1, min(plan["max_steps"] if cfg.max_steps or cfg.epochs else 10 ** 9, fit))
-                bar.total = plan["max_steps"]
-                print(f"\n--max-minutes {cfg.max_minutes:g}: about {plan['max_steps']} steps "
-                      f"({plan['max_steps'] / steps_per_epoch:.2f} epochs)", flush=True)
-            bar.update(1)
-            if step % 10 == 0 or step == plan["max_steps"]:
-                bar.set_postfix(loss=f"{window[0] / window[1]:.4f}", samples_s=f"{seen / elapsed:.1f}")
-                log.log(step=step, epoch=round(step / steps_per_epoch, 3), loss=window[0] / window[1],
-                        lr=scheduler.get_last_lr()[0], samples_per_s=seen / elapsed)
-                window = [0.0, 0]
-            if step % eval_every == 0 or step == plan["max_steps"]:
-                bar.clear()
-                t_eval = time.time()
-                res = evaluate("validation")
-                last_eval = (step, res)
-                value = res.metrics.get(task.metric)
-                improved = value is not None and (best["value"] is None or (
-                    value > best["value"] if task.greater_is_better else value < best["value"]))
-                row = {"step": step, "epoch": round(step / steps_per_epoch, 3),
-                       **{f"val_{k}": v for k, v in res.metrics.items() if isinstance(v, (int, float))}}
-                history.append(row)
-                log.log(**row)
-                print(f"step {step} (epoch {row['epoch']:.2f}): validation {short(res.metrics)}"
-                      + (" (best)" if improved else ""), flush=True)
-                for p in res.predictions[:cfg.eval_samples] if cfg.task == "sft" else []:
-                    print(f"  sample: {str(p.get('generated', ''))[:200]!r}", flush=True)
-                if improved:
-                    best.update(value=value, step=step, checkpoint=f"step-{step:06d}")
-                if rt.is_main:
-                    save(step)
-                t0 += time.time() - t_eval  # evaluation time is not training throughput
-            if cfg.stop_after_steps and step - start_step >= cfg.stop_after_steps and step < plan["max_steps"]:
-                stopped = True
+    try:
+        while step < plan["max_steps"]:
+            epoch = step * cfg.grad_accum // batches_per_epoch
+            order = length_grouped_batches(lengths, batch_size, cfg.seed, epoch, cfg.group_by_length)
+            order = order[rt.rank::rt.world_size][:batches_per_epoch]
+            first = step * cfg.grad_accum % batches_per_epoch
+            n_batches = (len(order) - first) // cfg.grad_accum * cfg.grad_accum
+            for b0 in range(first, first + n_batches, cfg.grad_accum):
+                loss_sum = 0.0
+                for idx in order[b0:b0 + cfg.grad_accum]:
+                    batch = {k: v.to(rt.device) for k, v in task.collate([feats[i] for i in idx]).items()}
+                    with amp():
+                        loss = train_model(**batch).loss / cfg.grad_accum
+                    loss.backward()
+                    loss_sum += loss.item()
+                    seen += len(idx) * rt.world_size
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                timed_steps += 1
+                if not math.isfinite(loss_sum):
+                    raise LmforgeError(f"loss became {loss_sum} at step {step}: lower --lr or use --precision fp32")
+                window[0] += loss_sum
+                window[1] += 1
+                elapsed = time.time() - t0
+                if cfg.max_minutes and timed_steps == 3:
+                    t_warm = elapsed  # the first steps pay for allocator and kernel warm-up: not the pace
+                if cfg.max_minutes and timed_steps >= 13 and timed_steps % 10 == 3:
+                    # Fit the schedule to the time budget at the pace measured so far, and again every 10 steps
+                    # (the LR schedule follows); every rank takes the smallest fit so they stop together.
+                    fit = int(rt.agree([fit_steps(cfg.max_minutes * 60, time.time() - wall0, step,
+                                                  (elapsed - t_warm) / (timed_steps - 3),
+                                                  sum(eval_seconds) / len(eval_seconds) if eval_seconds else None,
+                                                  eval_every, cap)], "min")[0])
+                    if timed_steps == 13 or abs(fit - plan["max_steps"]) > max(2, 0.02 * plan["max_steps"]):
+                        plan["max_steps"] = bar.total = fit
+                        if timed_steps == 13 or abs(fit - shown) > 0.1 * shown:  # say so when it matters
+                            how = "about" if timed_steps == 13 else "the pace changed: now"
+                            print(f"\n--max-minutes {cfg.max_minutes:g}: {how} {fit} steps "
+                                  f"({fit / steps_per_epoch:.2f} epochs)", flush=True)
+                            shown = fit
+                bar.update(1)
+                if step % 10 == 0 or step == plan["max_steps"]:
+                    bar.set_postfix(loss=f"{window[0] / window[1]:.4f}", samples_s=f"{seen / elapsed:.1f}")
+                    log.log(step=step, epoch=round(step / steps_per_epoch, 3), loss=window[0] / window[1],
+                            lr=scheduler.get_last_lr()[0], samples_per_s=seen / elapsed)
+                    window = [0.0, 0]
+                if step % eval_every == 0 or step == plan["max_steps"]:
+                    bar.clear()
+                    t_eval = time.time()
+                    res = evaluate("validation")
+                    last_eval = (step, res)
+                    value = res.metrics.get(task.metric)
+                    improved = value is not None and (best["value"] is None or (
+                        value > best["value"] if task.greater_is_better else value < best["value"]))
+                    row = {"step": step, "epoch": round(step / steps_per_epoch, 3),
+                           **{f"val_{k}": v for k, v in res.metrics.items() if isinstance(v, (int, float))}}
+                    history.append(row)
+                    log.log(**row)
+                    print(f"step {step} (epoch {row['epoch']:.2f}): validation {short(res.metrics)}"
+                          + (" (best)" if improved else ""), flush=True)
+                    for p in res.predictions[:cfg.eval_samples] if cfg.task == "sft" else []:
+                        print(f"  sample: {str(p.get('generated', ''))[:200]!r}", flush=True)
+                    if improved:
+                        best.update(value=value, step=step, checkpoint=f"step-{step:06d}")
+                    if rt.is_main:
+                        save(step)
+                    eval_seconds.append(time.time() - t_eval)
+                    t0 += eval_seconds[-1]  # evaluation time is not training throughput
+                signalled = rt.agree([stop.requested])[0]  # Ctrl-C/SIGTERM on any rank stops them all at this step
+                if step < plan["max_steps"] and (signalled or (cfg.stop_after_steps
+                                                               and step - start_step >= cfg.stop_after_steps)):
+                    stopped = True
+                    break
+                if step >= plan["max_steps"]:
+                    break
+            if stopped:
                 break
-            if step >= plan["max_steps"]:
-                break
-        if stopped:
-            break
-    bar.close()
+    finally:
+        bar.close()
+        stop.restore()
     if stopped:
         path = save(step) if rt.is_main else None
         print(f"stopped at step {step}; checkpoint {path}. Continue with: lmforge finetune --out {out} --resume",

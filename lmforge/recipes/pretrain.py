@@ -10,7 +10,6 @@ just the step number: a resumed run sees exactly the batches an uninterrupted ru
 from __future__ import annotations
 
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,8 +111,8 @@ def run(cfg: PretrainConfig) -> dict:
     from lmforge.model.llama import LlamaLM
     from lmforge.tokenizer.bpe import load_tokenizer, token_byte_lengths
     from lmforge.train import checkpoint as ckpt
-    from lmforge.train.common import (MetricsLog, autocast, build_optimizer, format_duration, resolve_precision,
-                                      setup_runtime, warmup_cosine)
+    from lmforge.train.common import (MetricsLog, StopOnSignal, autocast, build_optimizer, format_duration,
+                                      resolve_precision, setup_runtime, warmup_cosine)
 
     if not cfg.out:
         raise LmforgeError("--out is required (the folder for checkpoints and the final model)")
@@ -212,10 +211,7 @@ def run(cfg: PretrainConfig) -> dict:
         per_step = measure_step_seconds(train_step, model, optimizer)
         # ~8% of the budget goes to evaluations and checkpoints.
         max_steps = max(10, int(cfg.max_minutes * 60 * 0.92 / per_step))
-        if rt.distributed:  # every rank must run the same schedule: rank 0's measurement decides
-            t = torch.tensor([max_steps], device=rt.device)
-            torch.distributed.broadcast(t, 0)
-            max_steps = int(t.item())
+        max_steps = int(rt.agree([max_steps], "min")[0])  # every rank must run the same schedule
         print(f"measured {per_step:.3f} s/step: {cfg.max_minutes:g} minutes is about {max_steps} steps", flush=True)
     elif not max_steps:
         max_steps = 1000
@@ -277,15 +273,7 @@ def run(cfg: PretrainConfig) -> dict:
             tokenizer.save_pretrained(folder)
         return ckpt.save_checkpoint(out, step, write, state, config_yaml, keep=cfg.keep_checkpoints)
 
-    # Ctrl-C or SIGTERM (a preempted job) finishes the current step, saves, and exits cleanly.
-    stop_requested = {"flag": False}
-    def request_stop(signum, frame):
-        if stop_requested["flag"]:
-            raise KeyboardInterrupt
-        stop_requested["flag"] = True
-        print("\nstopping after this step (a checkpoint will be saved; press again to abort)", flush=True)
-    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-
+    stop = StopOnSignal().install()  # before the first evaluation, which can take a while
     first_eval = None
     if start_step == 0:
         first_eval = evaluate(0)
@@ -324,16 +312,18 @@ def run(cfg: PretrainConfig) -> dict:
             if step % save_interval == 0 and step < max_steps:
                 save(step)
             ran = step - start_step
-            if stop_requested["flag"] or (cfg.stop_after_steps and ran >= cfg.stop_after_steps and step < max_steps):
+            # one rank's signal or clock decides for all of them (see Runtime.agree)
+            signalled, over_budget = rt.agree([stop.requested, bool(
+                cfg.max_minutes and not cfg.max_steps and (time.time() - t_start) > cfg.max_minutes * 60 * 1.05)])
+            if step < max_steps and (signalled or (cfg.stop_after_steps and ran >= cfg.stop_after_steps)):
                 stopped_early = True
                 break
-            if cfg.max_minutes and not cfg.max_steps and (time.time() - t_start) > cfg.max_minutes * 60 * 1.05:
+            if over_budget:
                 print("time budget reached", flush=True)
                 break
     finally:
         bar.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
+        stop.restore()
 
     train_seconds = time.time() - t_start
     if stopped_early:

@@ -34,6 +34,42 @@ class Runtime:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    def agree(self, values: list[float], op: str = "max") -> list[float]:
+        """The same numbers on every rank (the max or min over ranks). Decisions a rank takes from its own clock
+        or signals (stop now, how many steps fit the time budget) must not split the processes: a rank that
+        stops or plans one step fewer leaves the others waiting in an all-reduce forever."""
+        if not self.distributed:
+            return [float(v) for v in values]
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        reduce = torch.distributed.ReduceOp
+        torch.distributed.all_reduce(t, op=reduce.MAX if op == "max" else reduce.MIN)
+        return t.tolist()
+
+
+class StopOnSignal:
+    """Ctrl-C or SIGTERM (a preempted job) sets `requested`: the loop finishes its step, saves a checkpoint and
+    says how to resume. A second Ctrl-C aborts at once. `install()` before the loop, `restore()` in its finally."""
+
+    def __init__(self):
+        self.requested = False
+        self._old: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (a checkpoint will be saved; press again to abort)", flush=True)
+
+    def install(self) -> "StopOnSignal":
+        import signal
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def restore(self) -> None:
+        import signal
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
 
 def setup_runtime(device: str = "auto") -> Runtime:
     """One process, or one of `torchrun`'s: RANK/WORLD_SIZE/LOCAL_RANK come from its environment."""
