@@ -154,3 +154,58 @@ def test_rope_grows_past_max_seq_len():
     with torch.no_grad():
         full = model(ids)
         torch.testing.assert_close(_cached_logits(model, ids, [4, 4, 4]), full, atol=ATOL, rtol=1e-5)
+
+
+def _save_hf(model, folder):
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def test_qwen2_loads_natively_with_its_qkv_biases_and_exports_back(tmp_path):
+    # Qwen2/Qwen2.5 = Llama + q/k/v biases: native loading gives them the KV cache and batched serving
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    hf = Qwen2ForCausalLM(Qwen2Config(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                      tie_word_embeddings=True, rope_theta=1e6)).eval()
+    with torch.no_grad():  # the biases start at zero: make them matter
+        for name, p in hf.named_parameters():
+            if name.endswith("proj.bias"):
+                p.normal_(0, 0.5)
+    native = load_causal_lm(_save_hf(hf, tmp_path / "qwen")).eval()
+    assert isinstance(native, LlamaLM) and native.cfg.arch == "qwen2"
+    ids = random_ids(96, (2, 12))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        assert torch.allclose(native(ids), expected, atol=ATOL)
+        cache = native.new_cache(2, 12)
+        steps = [native(ids[:, :5], cache)] + [native(ids[:, t:t + 1], cache) for t in range(5, 12)]
+        assert torch.allclose(torch.cat(steps, 1), expected, atol=ATOL)
+    (tmp_path / "back").mkdir()
+    native.save_hf(tmp_path / "back")
+    back = hf_model(tmp_path / "back")
+    assert type(back).__name__ == "Qwen2ForCausalLM"
+    with torch.no_grad():
+        assert torch.allclose(back(ids).logits, expected, atol=ATOL)
+
+
+@pytest.mark.parametrize("extra", [
+    {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32}},  # how transformers 5 saves it
+    {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    {"layer_types": ["sliding_attention", "full_attention"]},
+])
+def test_rope_scaling_or_sliding_windows_fall_back_to_transformers(extra):
+    # the native RoPE is plain: a scaled one (Llama 3.x) would give wrong logits without an error
+    from lmforge.model.llama import config_from_hf
+
+    base = {"model_type": "llama", "vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "intermediate_size": 64}
+    config_from_hf(base)
+    with pytest.raises(ValueError):
+        config_from_hf({**base, **extra})
+    qwen = {**base, "model_type": "qwen2", "use_sliding_window": False, "sliding_window": 4096}
+    assert config_from_hf(qwen).arch == "qwen2"  # Qwen2 keeps a window size it does not use
+    with pytest.raises(ValueError):
+        config_from_hf({**qwen, "use_sliding_window": True})

@@ -4,6 +4,8 @@ RoPE, RMSNorm, SwiGLU, tied embeddings, grouped-query attention and PyTorch SDPA
 weights map one to one onto Hugging Face's `LlamaForCausalLM` (q/k/v and gate/up are stored fused here
 for speed and split on export), so every checkpoint loads with plain `transformers` and gives the same
 logits; `from_hf` reads any Llama-architecture folder back, e.g. SmolLM2 for continued pretraining.
+Qwen2 (Qwen2.5, Qwen2-Instruct...) is the same decoder with a bias on q/k/v: `arch="qwen2"` reads and writes
+`Qwen2ForCausalLM` folders.
 """
 from __future__ import annotations
 
@@ -32,6 +34,11 @@ class ModelConfig:
     head_dim: int = 0  # 0: n_embd // n_head
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    arch: str = "llama"  # the Hugging Face architecture written on export: "llama" or "qwen2" (q/k/v biases)
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.arch == "qwen2"
 
     def __post_init__(self):
         if self.intermediate_size <= 0:
@@ -43,7 +50,7 @@ class ModelConfig:
 
     def num_params(self, embeddings: bool = True) -> int:
         d, h = self.n_embd, self.head_dim
-        attn = d * (self.n_head + 2 * self.n_kv_head) * h + self.n_head * h * d
+        attn = (d + self.qkv_bias) * (self.n_head + 2 * self.n_kv_head) * h + self.n_head * h * d
         mlp = 3 * d * self.intermediate_size
         per_layer = attn + mlp + 2 * d
         n = self.n_layer * per_layer + d
@@ -121,7 +128,7 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         # One matmul for q, k and v: fewer, larger GEMMs are markedly faster on CPU.
-        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.qkv_bias)
         self.o = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
@@ -197,6 +204,8 @@ class LlamaLM(nn.Module):
     def _init(m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """idx: (B, T) token ids -> logits (B, T, vocab)."""
@@ -237,10 +246,12 @@ class LlamaLM(nn.Module):
         sd = {"model.embed_tokens.weight": self.embed.weight, "model.norm.weight": self.norm.weight}
         if not c.tie_embeddings:
             sd["lm_head.weight"] = self.lm_head.weight
+        sizes = [c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim]
         for i, b in enumerate(self.layers):
             p = f"model.layers.{i}."
-            q, k, v = b.attn.qkv.weight.split([c.n_head * c.head_dim, c.n_kv_head * c.head_dim,
-                                               c.n_kv_head * c.head_dim])
+            q, k, v = b.attn.qkv.weight.split(sizes)
+            if c.qkv_bias:
+                sd.update({p + f"self_attn.{n}_proj.bias": t for n, t in zip("qkv", b.attn.qkv.bias.split(sizes))})
             gate, up = b.mlp.gate_up.weight.chunk(2)
             sd.update({
                 p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
@@ -254,8 +265,11 @@ class LlamaLM(nn.Module):
 
     def hf_config(self) -> dict:
         c = self.cfg
+        arch = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": False,
+                "sliding_window": None} if c.arch == "qwen2" else {"architectures": ["LlamaForCausalLM"],
+                                                                   "model_type": "llama"}
         return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            **arch,
             "vocab_size": c.vocab_size, "hidden_size": c.n_embd, "intermediate_size": c.intermediate_size,
             "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
             "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
@@ -306,6 +320,8 @@ class LlamaLM(nn.Module):
         for i, b in enumerate(self.layers):
             p = f"model.layers.{i}."
             b.attn.qkv.weight.copy_(torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]))
+            if c.qkv_bias:
+                b.attn.qkv.bias.copy_(torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
             b.attn.o.weight.copy_(get(p + "self_attn.o_proj.weight"))
             b.mlp.gate_up.weight.copy_(torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]))
             b.mlp.down.weight.copy_(get(p + "mlp.down_proj.weight"))
@@ -314,10 +330,17 @@ class LlamaLM(nn.Module):
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    """ModelConfig from a Llama config.json; raises ValueError for features this model does not have."""
-    if hf.get("model_type") not in ("llama", "mistral") or hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ValueError(f"not a plain Llama architecture (model_type={hf.get('model_type')!r})")
-    if hf.get("rope_scaling") or hf.get("sliding_window"):
+    """ModelConfig from a Llama or Qwen2 config.json; raises ValueError for features this model does not have
+    (the caller then falls back to transformers, which has them all)."""
+    mtype = hf.get("model_type")
+    if mtype not in ("llama", "mistral", "qwen2") or hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError(f"not a plain Llama architecture (model_type={mtype!r})")
+    # transformers 5 writes RoPE scaling (Llama 3's 'llama3', 'yarn', ...) into rope_parameters, older
+    # versions into rope_scaling: either one other than plain RoPE changes the positions this model computes.
+    rope_type = (hf.get("rope_parameters") or {}).get("rope_type", "default")
+    sliding = hf.get("use_sliding_window", True) if mtype == "qwen2" else True  # qwen2 keeps an unused value
+    if hf.get("rope_scaling") or rope_type != "default" or (sliding and hf.get("sliding_window")) or \
+            any(t != "full_attention" for t in hf.get("layer_types") or []):
         raise ValueError("rope scaling / sliding-window attention are not supported by the native model")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"activation {hf.get('hidden_act')!r} is not SwiGLU")
@@ -331,6 +354,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
         bos_token_id=hf.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        arch="qwen2" if mtype == "qwen2" else "llama",
     )
 
 
