@@ -169,15 +169,40 @@ def save(cfg, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+# Options that may differ on --resume: how this invocation runs, not what the run trains.
+RESUME_MAY_CHANGE = {"out", "resume", "stop_after_steps", "progress", "device", "eval_batch_size", "keep_checkpoints",
+                     "log_interval", "save_interval"}
+
+
 def resume_base(args: argparse.Namespace) -> dict:
     """With --resume, a run's saved DIR/config.yaml is the base, so `--out DIR --resume` alone is enough.
-    Training recipes use it as their `base_config`; the command line still overrides it."""
+    Training recipes use it as their `base_config`. An option given again with another value (a longer
+    --max-steps, a new --lr) is refused by name instead of being half-applied: the saved state fixes the
+    schedule and data order, so a resumed run is the run that was started."""
     if not getattr(args, "resume", False) or not getattr(args, "out", None):
         return {}
     path = Path(args.out) / "config.yaml"
     if not path.exists():
-        return {}
+        raise LmforgeError(f"--resume: {args.out} holds no run to continue (no config.yaml); drop --resume to "
+                           f"start one")
     saved = load_yaml(path)
     for key in ("resume", "stop_after_steps"):  # per-invocation choices, not part of the run
         saved.pop(key, None)
+    given = {k: v for k, v in vars(args).items() if k not in ("verb", "func", "config")}
+    if getattr(args, "config", None):
+        given = {**{str(k).replace("-", "_"): v for k, v in load_yaml(args.config).items()}, **given}
+    changed = [k for k, v in given.items() if k in saved and k not in RESUME_MAY_CHANGE and not _same(v, saved[k])]
+    if changed:
+        shown = ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run has {saved[k]})" for k in changed)
+        raise LmforgeError(f"--resume continues {args.out} as it was started; its config.yaml disagrees with "
+                           f"{shown}: drop those options, or start a new run in another --out (from "
+                           f"{Path(args.out) / 'final'} to build on this one)")
     return saved
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(a - b) <= 1e-12 * max(abs(a), abs(b), 1.0)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b or str(a) == str(b)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import cli, cli_signalled, metrics_rows, token_cache_entries
+from conftest import assert_user_error, cli, cli_signalled, metrics_rows, token_cache_entries
 
 # A fast run that reuses the session tokenizer (no tokenizer training).
 FAST = ["--size", "tiny", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--context", "32",
@@ -154,6 +154,19 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, tiny_run):
     res = cli("pretrain", "--out", out, "--resume")
     assert res.code == 0, res.err
     assert [r["step"] for r in metrics_rows(out) if "loss" in r][-1] == 300 and (out / "final").is_dir()
+
+
+def test_resume_refuses_changed_options_by_name(tmp_path, tiny_run):
+    out = tmp_path / "c"
+    assert cli(*fast_args(tiny_run, out, "--max-steps", "6", "--stop-after-steps", "2")).code == 0
+    res = cli("pretrain", "--out", out, "--resume", "--max-steps", "12", "--lr", "0.01")
+    assert_user_error(res, "--max-steps 12 (the run has 6)", "--lr 0.01", "another --out")
+    assert not (out / "final").exists()
+    # how this invocation runs may change; the run itself finishes as started
+    res = cli("pretrain", "--out", out, "--resume", "--max-steps", "6", "--no-progress", "--log-interval", "1")
+    assert res.code == 0, res.err
+    assert [r["step"] for r in metrics_rows(out) if "loss" in r][-1] == 6
+    assert_user_error(cli("pretrain", "--out", tmp_path / "nothing", "--resume"), "no run to continue")
 
 
 def test_resume_of_a_finished_run_is_harmless(tmp_path, tiny_run):

@@ -416,6 +416,7 @@ def run(cfg: FinetuneConfig) -> dict:
     t0, seen, timed_steps = time.time(), 0, 0
     wall0, eval_seconds, shown = t0, [], 0  # the --max-minutes budget counts evaluations too
     cap = plan["max_steps"] if cfg.max_steps or cfg.epochs else 10 ** 9
+    refit = cfg.max_minutes > 0 and resume_from is None  # a resumed run keeps the plan it was saved with
     stop = StopOnSignal().install()
     last_eval = None  # (step, EvalResult) of the latest validation pass
     start_step, stopped = step, False
@@ -447,9 +448,9 @@ def run(cfg: FinetuneConfig) -> dict:
                 window[0] += loss_sum
                 window[1] += 1
                 elapsed = time.time() - t0
-                if cfg.max_minutes and timed_steps == 3:
+                if refit and timed_steps == 3:
                     t_warm = elapsed  # the first steps pay for allocator and kernel warm-up: not the pace
-                if cfg.max_minutes and timed_steps >= 13 and timed_steps % 10 == 3:
+                if refit and timed_steps >= 13 and timed_steps % 10 == 3:
                     # Fit the schedule to the time budget at the pace measured so far, and again every 10 steps
                     # (the LR schedule follows); every rank takes the smallest fit so they stop together.
                     fit = int(rt.agree([fit_steps(cfg.max_minutes * 60, time.time() - wall0, step,

@@ -314,7 +314,8 @@ def run(cfg: PretrainConfig) -> dict:
             ran = step - start_step
             # one rank's signal or clock decides for all of them (see Runtime.agree)
             signalled, over_budget = rt.agree([stop.requested, bool(
-                cfg.max_minutes and not cfg.max_steps and (time.time() - t_start) > cfg.max_minutes * 60 * 1.05)])
+                cfg.max_minutes and not cfg.max_steps and resume_from is None
+                and (time.time() - t_start) > cfg.max_minutes * 60 * 1.05)])
             if step < max_steps and (signalled or (cfg.stop_after_steps and ran >= cfg.stop_after_steps)):
                 stopped_early = True
                 break
