@@ -387,6 +387,18 @@ def test_holdout_is_deterministic_and_keeps_duplicates_together():
         holdout(rows[:1], lines[:1])
 
 
+def test_holdout_keeps_every_class_in_training():
+    # five copies of the only 'neg' row go together: holding them out would leave training without 'neg'
+    rows = [{"text": "bad", "label": "neg"}] * 5 + [{"text": f"good {i}", "label": "pos"} for i in range(9)]
+    labels = [r["label"] for r in rows]
+    lines = list(range(1, 15))
+    for seed in range(20):
+        train, val = holdout(rows, lines, fraction=0.3, seed=seed, labels=labels)
+        assert val and {labels[i] for i in train} == {"neg", "pos"}, seed
+        assert not {rows[i]["text"] for i in val} & {rows[i]["text"] for i in train}
+    assert any("neg" in {labels[i] for i in holdout(rows, lines, fraction=0.3, seed=s)[1]} for s in range(20))
+
+
 def test_empty_json_file(tmp_path):
     assert_has(error(str(write(tmp_path / "e.json", "  \n")), "classify"), "e.json", "no examples")
     assert_has(error(str(write(tmp_path / "l.json", "[]")), "classify"), "l.json", "no examples")

@@ -777,9 +777,14 @@ def check_labels(labels: list, label_list: list, source: str, line_numbers: list
 
 
 def holdout(rows: list[dict], line_numbers: list[int], fraction: float = 0.1, seed: int = 0,
-            max_rows: int = 2000) -> tuple[list[int], list[int]]:
+            max_rows: int = 2000, labels: list | None = None) -> tuple[list[int], list[int]]:
     """(train indices, validation indices), both sorted. Rows are ordered by a seeded hash of their content,
-    so the split does not depend on file order and exact duplicates land on the same side (no leakage)."""
+    so the split does not depend on file order and exact duplicates land on the same side (no leakage).
+    With `labels` (one class per row), a row is held out only while its class keeps a training example:
+    an automatic slice must never hold a label that training has not seen."""
+    import collections
+    import itertools
+
     if len(rows) != len(line_numbers):
         raise ValueError("rows and line_numbers differ in length")
     n = len(rows)
@@ -793,10 +798,21 @@ def holdout(rows: list[dict], line_numbers: list[int], fraction: float = 0.1, se
 
     keys = {i: key(i) for i in range(n)}
     order = sorted(range(n), key=keys.__getitem__)
-    cut = n_val
-    # extend the cut over copies of the last held-out row, unless that would leave nothing to train on
-    while cut < n and keys[order[cut]][0] == keys[order[cut - 1]][0]:
-        cut += 1
-    if cut == n:
-        cut = n_val
-    return sorted(order[cut:]), sorted(order[:cut])
+    left = collections.Counter(labels) if labels is not None else None
+    val: list[int] = []
+    for _, group in itertools.groupby(order, key=lambda i: keys[i][0]):  # copies of one row, together
+        group = list(group)
+        if len(val) >= n_val:
+            break
+        if len(val) + len(group) >= n:
+            continue  # leave something to train on
+        if left is not None:
+            taken = collections.Counter(labels[i] for i in group)
+            if any(left[lab] <= c for lab, c in taken.items()):
+                continue  # the last training examples of a class stay in training
+            left.subtract(taken)
+        val += group
+    if not val:  # every row is a copy of one, or each class has a single example: split copies after all
+        val = order[:n_val]
+    held = set(val)
+    return sorted(i for i in range(n) if i not in held), sorted(val)

@@ -161,7 +161,7 @@ def _attention(choice: str, precision: str, device, max_length: int) -> str | No
 
 def _load_data(cfg: FinetuneConfig, task):
     """(train, {"validation": ..., "test": ...}) as Loaded sets, holding out a slice when needed."""
-    from lmforge.data.labelled import BUILTIN_SETS, Loaded, holdout, load_examples
+    from lmforge.data.labelled import BUILTIN_SETS, Loaded, build_label_map, holdout, load_examples
 
     def load(spec, split):
         data = load_examples(spec, cfg.task, task.fields(), split=split, skip_bad_rows=cfg.skip_bad_rows)
@@ -185,7 +185,11 @@ def _load_data(cfg: FinetuneConfig, task):
     elif builtin:
         others["validation"] = load(f"{builtin}:validation", "validation")
     else:
-        tr, va = holdout(train.rows, train.line_numbers, fraction=0.1, seed=cfg.seed)
+        labels = [r.get("label") for r in train.rows] if cfg.task == "classify" else None
+        if labels and build_label_map(labels)[1]:
+            labels = None  # regression: scores, not classes
+        tr, va = holdout(train.rows, train.line_numbers, fraction=0.1, seed=cfg.seed,
+                         labels=[str(x) for x in labels] if labels else None)
         others["validation"] = subset(train, va, f"{train.source} (held-out slice)")
         train = subset(train, tr, train.source)
         print(f"no --validation: holding out {len(va)} of {len(tr) + len(va)} training examples", flush=True)
