@@ -147,7 +147,10 @@ def test_unknown_model_name():
 def test_resume_without_checkpoint(tmp_path, tiny_run):
     out = tmp_path / "fresh"
     res = pretrain(tiny_run.corpus, out, "--resume")
-    assert_user_error(res, "--resume", "no checkpoint", str(out / "checkpoints"))
+    assert_user_error(res, "--resume", str(out), "no run to continue")
+    out.mkdir()
+    (out / "config.yaml").write_text("seed: 1337\n", encoding="utf-8")  # started, killed before a checkpoint
+    assert_user_error(pretrain(tiny_run.corpus, out, "--resume"), "--resume", "no checkpoint", str(out / "checkpoints"))
 
 
 def test_malformed_jsonl_reports_file_and_line(tmp_path):
