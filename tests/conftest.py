@@ -68,6 +68,13 @@ def cli_subprocess(*args, timeout: float = 120) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env=dict(os.environ))
 
 
+def torchrun(*args, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N -m lmforge ARGS`: N CPU processes over gloo."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(nproc), "-m", "lmforge", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def cli_signalled(*args, out_dir: Path, sig: int, timeout: float = 180) -> subprocess.CompletedProcess:
     """Run `python -m lmforge ARGS` and send it `sig` (Ctrl-C, or a scheduler's SIGTERM) as soon as
     OUT_DIR/metrics.jsonl has a training-loss row, i.e. mid-run; then wait for it to exit."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import assert_user_error, cli, cli_signalled, metrics_rows
+from conftest import assert_user_error, cli, cli_signalled, metrics_rows, torchrun
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -181,6 +181,18 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_bert, sentiment, tmp_path):
     res = cli("finetune", "--out", out, "--resume", "--no-progress")
     assert res.code == 0, res.err
     assert json.loads((out / "metrics.json").read_text())["steps"] == 400 and (out / "final").is_dir()
+
+
+def test_two_processes_with_torchrun_and_max_minutes(tiny_bert, sentiment, tmp_path):
+    # each rank fits --max-minutes on its own clock; Runtime.agree makes them stop on the same step
+    train, val = sentiment
+    out = tmp_path / "ddp"
+    res = torchrun("finetune", "--task", "classify", "--model", tiny_bert, "--train", train, "--validation", val,
+                   "--out", out, "--max-minutes", "0.15", "--batch-size", "2", "--no-progress")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "--max-minutes 0.15: about" in res.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] >= 13 and (out / "final" / "config.json").is_file()
 
 
 def test_fit_steps_follows_the_pace_and_the_budget():

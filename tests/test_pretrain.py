@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import assert_user_error, cli, cli_signalled, metrics_rows, token_cache_entries
+from conftest import assert_user_error, cli, cli_signalled, metrics_rows, token_cache_entries, torchrun
 
 # A fast run that reuses the session tokenizer (no tokenizer training).
 FAST = ["--size", "tiny", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--context", "32",
@@ -154,6 +154,14 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, tiny_run):
     res = cli("pretrain", "--out", out, "--resume")
     assert res.code == 0, res.err
     assert [r["step"] for r in metrics_rows(out) if "loss" in r][-1] == 300 and (out / "final").is_dir()
+
+
+def test_two_processes_with_torchrun(tmp_path, tiny_run):
+    out = tmp_path / "ddp"
+    res = torchrun(*fast_args(tiny_run, out, "--max-steps", "6", "--eval-interval", "3"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "final" / "model.safetensors").is_file()
+    assert [r["step"] for r in metrics_rows(out) if "val_loss" in r] == [0, 3, 6]  # rank 0 alone writes the log
 
 
 def test_resume_refuses_changed_options_by_name(tmp_path, tiny_run):
