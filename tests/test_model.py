@@ -190,14 +190,46 @@ def test_qwen2_loads_natively_with_its_qkv_biases_and_exports_back(tmp_path):
         assert torch.allclose(back(ids).logits, expected, atol=ATOL)
 
 
+@pytest.mark.parametrize("style", ["rope_parameters", "rope_scaling"])  # transformers 5 / 4 spellings
+def test_llama3_scaled_rope_matches_transformers_and_round_trips(tmp_path, style):
+    # Llama 3.1/3.2 stretch RoPE's low frequencies: the native model must compute the same positions
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, intermediate_size=96, max_position_embeddings=64,
+                                      rope_theta=500000.0, tie_word_embeddings=True, rope_scaling=scaling)).eval()
+    folder = _save_hf(hf, tmp_path / "llama3")
+    cfg = json.loads((folder / "config.json").read_text())
+    if style == "rope_scaling":  # a config.json as transformers 4 wrote it
+        cfg.pop("rope_parameters", None)
+        cfg.update(rope_scaling=scaling, rope_theta=500000.0)
+        (folder / "config.json").write_text(json.dumps(cfg))
+    native = load_causal_lm(folder).eval()
+    assert isinstance(native, LlamaLM) and native.cfg.rope_scaling["factor"] == 8.0
+    ids = random_ids(96, (1, 48))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        assert torch.allclose(native(ids), expected, atol=ATOL)
+        plain = LlamaLM(ModelConfig(**{**native.cfg.__dict__, "rope_scaling": None}))
+        plain.load_state_dict(native.state_dict())
+        assert not torch.allclose(plain(ids), expected, atol=ATOL)  # the scaling matters at these positions
+    (tmp_path / "back").mkdir()
+    native.save_hf(tmp_path / "back")
+    with torch.no_grad():
+        assert torch.allclose(hf_model(tmp_path / "back")(ids).logits, expected, atol=ATOL)
+
+
 @pytest.mark.parametrize("extra", [
-    {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32}},  # how transformers 5 saves it
+    {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 32}},  # how transformers 5 saves it
     {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
     {"layer_types": ["sliding_attention", "full_attention"]},
 ])
-def test_rope_scaling_or_sliding_windows_fall_back_to_transformers(extra):
-    # the native RoPE is plain: a scaled one (Llama 3.x) would give wrong logits without an error
+def test_other_rope_scaling_or_sliding_windows_fall_back_to_transformers(extra):
+    # the native RoPE is plain or Llama 3's: any other would give wrong logits without an error
     from lmforge.model.llama import config_from_hf
 
     base = {"model_type": "llama", "vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 2,

@@ -4,9 +4,9 @@
     cache = model.new_cache(batch, max_len)
     model.save_hf(folder)
 
-Llama-architecture folders (lmforge's own, SmolLM2, Llama, Mistral without sliding window, Qwen2/Qwen2.5 with
-plain RoPE) load into the native `LlamaLM` (fused projections, preallocated KV cache: faster on CPU, batched
-serving); anything else (GPT-2, Llama 3.x's scaled RoPE, sliding windows...) is wrapped from
+Llama-architecture folders (lmforge's own, SmolLM2, Llama 2/3.x, Mistral without sliding window, Qwen2/Qwen2.5)
+load into the native `LlamaLM` (fused projections, preallocated KV cache: faster on CPU, batched serving);
+anything else (GPT-2, yarn or linear RoPE scaling, sliding windows...) is wrapped from
 `transformers.AutoModelForCausalLM`.
 """
 from __future__ import annotations

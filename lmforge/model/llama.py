@@ -5,7 +5,7 @@ weights map one to one onto Hugging Face's `LlamaForCausalLM` (q/k/v and gate/up
 for speed and split on export), so every checkpoint loads with plain `transformers` and gives the same
 logits; `from_hf` reads any Llama-architecture folder back, e.g. SmolLM2 for continued pretraining.
 Qwen2 (Qwen2.5, Qwen2-Instruct...) is the same decoder with a bias on q/k/v: `arch="qwen2"` reads and writes
-`Qwen2ForCausalLM` folders.
+`Qwen2ForCausalLM` folders. Llama 3.1+'s long-context RoPE (`rope_scaling`, type llama3) is supported.
 """
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     arch: str = "llama"  # the Hugging Face architecture written on export: "llama" or "qwen2" (q/k/v biases)
+    # Llama 3.1+'s long-context RoPE: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"} as in its config.json; None: plain RoPE
+    rope_scaling: dict | None = None
 
     @property
     def qkv_bias(self) -> bool:
@@ -76,9 +79,21 @@ PRESETS: dict[str, dict] = {
 def rope_cache(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin: (seq_len, head_dim), the 'rotate half' layout Hugging Face Llama uses."""
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim))
+    if cfg.rope_scaling:
+        inv_freq = llama3_inv_freq(inv_freq, cfg.rope_scaling)
     freqs = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)  # (T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
     return emb.cos(), emb.sin()
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    """Llama 3.1's RoPE frequencies for long contexts: wavelengths longer than the pretraining context / low_freq_factor
+    are stretched by `factor`, shorter than context / high_freq_factor kept, and those between interpolated."""
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    context = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq  # (hd/2,)
+    smooth = ((context / wavelen - low) / (high - low)).clamp(0, 1)  # 0: stretch fully, 1: keep
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -274,7 +289,7 @@ class LlamaLM(nn.Module):
             "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
             "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
             "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
-            "rope_scaling": None, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+            "rope_scaling": c.rope_scaling, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
             "attention_dropout": 0.0, "tie_word_embeddings": c.tie_embeddings, "initializer_range": 0.02,
             "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "torch_dtype": "float32",
             "use_cache": True,
@@ -337,14 +352,19 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise ValueError(f"not a plain Llama architecture (model_type={mtype!r})")
     # transformers 5 writes RoPE scaling (Llama 3's 'llama3', 'yarn', ...) into rope_parameters, older
     # versions into rope_scaling: either one other than plain RoPE changes the positions this model computes.
-    rope_type = (hf.get("rope_parameters") or {}).get("rope_type", "default")
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
     sliding = hf.get("use_sliding_window", True) if mtype == "qwen2" else True  # qwen2 keeps an unused value
-    if hf.get("rope_scaling") or rope_type != "default" or (sliding and hf.get("sliding_window")) or \
+    if rope_type not in ("default", "llama3") or (sliding and hf.get("sliding_window")) or \
             any(t != "full_attention" for t in hf.get("layer_types") or []):
-        raise ValueError("rope scaling / sliding-window attention are not supported by the native model")
+        raise ValueError(f"RoPE type {rope_type!r} / sliding-window attention are not supported by the native model")
+    scaling = None
+    if rope_type == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        scaling = {"rope_type": "llama3", **{k: rope[k] for k in keys}}
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"activation {hf.get('hidden_act')!r} is not SwiGLU")
-    rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    rope_theta = hf.get("rope_theta") or rope.get("rope_theta", 10000.0)
     eos = hf.get("eos_token_id")
     return ModelConfig(
         vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
@@ -354,7 +374,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
         bos_token_id=hf.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos,
-        arch="qwen2" if mtype == "qwen2" else "llama",
+        arch="qwen2" if mtype == "qwen2" else "llama", rope_scaling=scaling,
     )
 
 
