@@ -418,6 +418,12 @@ def test_load_texts_guesses_or_takes_the_named_field(tmp_path):
     assert_has(str(exc.value), "bad.jsonl:2", "no text field")
 
 
+def test_load_texts_reads_inside_a_translation_object(tmp_path):
+    f = jsonl(tmp_path / "tr.jsonl", {"translation": {"en": "Let there be light."}}, {"en": "And there was light."})
+    assert load_texts(str(f), guesses=input_field_guesses("translate", "en")) == [
+        {"text": "Let there be light."}, {"text": "And there was light."}]
+
+
 def test_input_field_guesses_put_the_trained_field_first():
     assert input_field_guesses("classify", "Body")[:2] == ("body", "text")
     assert "review" in input_field_guesses("classify") and "src" in input_field_guesses("translate")

@@ -727,11 +727,15 @@ def load_texts(spec: str, field: str | None = None, guesses: tuple[str, ...] = _
     for rec in _iter_records(path, src):
         if rec.error:
             raise LmforgeError(rec.error)
-        key = (field if field in rec.obj else None) if field else _find(rec.obj, guesses)
-        if key is None or not isinstance(rec.obj[key], str):
+        obj = rec.obj
+        nested = _find(obj, ("translation",))  # {"translation": {"en": ..., "es": ...}}, as Hugging Face sets have
+        if nested is not None and isinstance(obj[nested], dict):
+            obj = obj[nested]
+        key = (field if field in obj else None) if field else _find(obj, guesses)
+        if key is None or not isinstance(obj[key], str):
             raise LmforgeError(f"{rec.loc}: no text field: looked for {', '.join(looked)} "
-                               f"(fields: {', '.join(map(str, rec.obj)) or 'none'})")
-        rows.append({"text": rec.obj[key]})
+                               f"(fields: {', '.join(map(str, obj)) or 'none'})")
+        rows.append({"text": obj[key]})
     return rows
 
 
