@@ -174,7 +174,7 @@ RESUME_MAY_CHANGE = {"out", "resume", "stop_after_steps", "progress", "device", 
                      "log_interval", "save_interval"}
 
 
-def resume_base(args: argparse.Namespace) -> dict:
+def resume_base(args: argparse.Namespace, cls=None) -> dict:
     """With --resume, a run's saved DIR/config.yaml is the base, so `--out DIR --resume` alone is enough.
     Training recipes use it as their `base_config`. An option given again with another value (a longer
     --max-steps, a new --lr) is refused by name instead of being half-applied: the saved state fixes the
@@ -191,7 +191,12 @@ def resume_base(args: argparse.Namespace) -> dict:
     given = {k: v for k, v in vars(args).items() if k not in ("verb", "func", "config")}
     if getattr(args, "config", None):
         given = {**{str(k).replace("-", "_"): v for k, v in load_yaml(args.config).items()}, **given}
-    changed = [k for k, v in given.items() if k in saved and k not in RESUME_MAY_CHANGE and not _same(v, saved[k])]
+    # A default typed again ("--precision auto", "--lr 0") is what the saved value was resolved from, e.g. when
+    # the first command line is repeated with --resume: not a change.
+    defaults = {n: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                for n, f in _fields(cls).items()} if cls is not None else {}
+    changed = [k for k, v in given.items() if k in saved and k not in RESUME_MAY_CHANGE and not _same(v, saved[k])
+               and not (k in defaults and _same(v, defaults[k]))]
     if changed:
         shown = ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run has {saved[k]})" for k in changed)
         raise LmforgeError(f"--resume continues {args.out} as it was started; its config.yaml disagrees with "

@@ -170,6 +170,11 @@ def test_resume_refuses_changed_options_by_name(tmp_path, tiny_run):
     res = cli("pretrain", "--out", out, "--resume", "--max-steps", "12", "--lr", "0.01")
     assert_user_error(res, "--max-steps 12 (the run has 6)", "--lr 0.01", "another --out")
     assert not (out / "final").exists()
+    # the first command line repeated with --resume (and a default typed out) is no change
+    res = cli(*fast_args(tiny_run, out, "--max-steps", "6", "--precision", "auto", "--resume",
+                         "--stop-after-steps", "2"))
+    assert res.code == 0, res.err
+    assert "stopped at step 4" in res.out
     # how this invocation runs may change; the run itself finishes as started
     res = cli("pretrain", "--out", out, "--resume", "--max-steps", "6", "--no-progress", "--log-interval", "1")
     assert res.code == 0, res.err

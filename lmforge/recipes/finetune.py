@@ -549,4 +549,6 @@ def run(cfg: FinetuneConfig) -> dict:
     return results
 
 
-base_config = C.resume_base  # --resume: the run's saved config is the base
+def base_config(args) -> dict:
+    """--resume: the run's saved config is the base."""
+    return C.resume_base(args, FinetuneConfig)

@@ -407,4 +407,6 @@ def measure_step_seconds(train_step, model, optimizer, n_steps: int = 6) -> floa
     return seconds
 
 
-base_config = C.resume_base  # --resume: the run's saved config is the base
+def base_config(args) -> dict:
+    """--resume: the run's saved config is the base."""
+    return C.resume_base(args, PretrainConfig)
