@@ -431,6 +431,36 @@ def test_engine_matches_plain_generation(tiny_run):
     assert served.engine.stats["max_batch_seen"] <= 3 and len(handles) == 5
 
 
+def test_chunked_prefill_of_a_long_prompt_beside_running_streams(tiny_run, monkeypatch):
+    """A long prompt that arrives while another sequence generates is prefilled a chunk per engine step and
+    then decodes exactly as a one-shot prefill would; an n=2 request shares the chunked prefill."""
+    import queue as Q
+
+    from lmforge.generate.sampling import generate_ids
+    from lmforge.serve import engine as E
+
+    monkeypatch.setattr(E, "PREFILL_CHUNK", 4)
+    served = E.load_served(tiny_run.final, device="cpu", precision="fp32", max_batch=4, step_delay=0.01)
+    tok = served.tokenizer
+    short, long = tok.encode("ROMEO:"), tok.encode("First Citizen:\nBefore we proceed any further, hear me")
+    assert len(long) > 3 * E.PREFILL_CHUNK
+    want_short = tok.decode(list(generate_ids(served.model, short, 30, temperature=0)), skip_special_tokens=True)
+    want_long = tok.decode(list(generate_ids(served.model, long, 6, temperature=0)), skip_special_tokens=True)
+    out: Q.Queue = Q.Queue()
+    served.engine.submit([short], [E.SamplingParams(max_tokens=30, temperature=0)], lambda ev: out.put(("s", ev)))
+    first = out.get(timeout=30)  # the short one is generating: the long one must not stall it for its whole prefill
+    served.engine.submit([long, long], [E.SamplingParams(max_tokens=6, temperature=0)] * 2,
+                         lambda ev: out.put((f"l{ev.index}", ev)))
+    texts, done = {"s": first[1].text, "l0": "", "l1": ""}, 0
+    while done < 3:
+        key, ev = out.get(timeout=30)
+        texts[key] += ev.text
+        done += ev.finish_reason is not None
+    served.close()
+    assert served.engine.stats["chunked_prefills"] == 1  # the copy (n=2) joined without a prefill of its own
+    assert texts == {"s": want_short, "l0": want_long, "l1": want_long}
+
+
 def test_bf16_and_hf_fallback(tiny_run, tmp_path):
     """bf16 weights, and a causal LM that is not Llama (GPT-2: the transformers backend)."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
