@@ -461,6 +461,36 @@ def test_chunked_prefill_of_a_long_prompt_beside_running_streams(tiny_run, monke
     assert texts == {"s": want_short, "l0": want_long, "l1": want_long}
 
 
+def test_cancelling_a_prompt_during_its_chunked_prefill_frees_the_slot(tiny_run, monkeypatch):
+    import queue as Q
+
+    from lmforge.serve import engine as E
+
+    monkeypatch.setattr(E, "PREFILL_CHUNK", 2)
+    served = E.load_served(tiny_run.final, device="cpu", precision="fp32", max_batch=2, step_delay=0.05)
+    tok = served.tokenizer
+    out: Q.Queue = Q.Queue()
+    served.engine.submit([tok.encode("ROMEO:")], [E.SamplingParams(max_tokens=20, temperature=0)],
+                         lambda ev: out.put(("s", ev)))
+    out.get(timeout=30)
+    long = served.engine.submit([tok.encode("First Citizen:\nBefore we proceed any further, hear me speak")],
+                                [E.SamplingParams(max_tokens=5, temperature=0)], lambda ev: out.put(("l", ev)))
+    while served.engine.stats["chunked_prefills"] == 0:
+        time.sleep(0.01)
+    long.cancel()
+    while True:
+        key, ev = out.get(timeout=30)
+        assert key == "s"  # nothing arrives for the cancelled one
+        if ev.finish_reason is not None:
+            break
+    deadline = time.time() + 10
+    while served.engine.snapshot()["active"] and time.time() < deadline:
+        time.sleep(0.01)
+    stats = served.engine.snapshot()
+    served.close()
+    assert stats["active"] == 0 and stats["cancelled"] == 1
+
+
 def test_bf16_and_hf_fallback(tiny_run, tmp_path):
     """bf16 weights, and a causal LM that is not Llama (GPT-2: the transformers backend)."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
