@@ -424,6 +424,19 @@ def test_load_texts_reads_inside_a_translation_object(tmp_path):
         {"text": "Let there be light."}, {"text": "And there was light."}]
 
 
+def test_load_texts_reads_conversations_to_continue(tmp_path):
+    f = jsonl(tmp_path / "chat.jsonl", {"messages": [{"role": "system", "content": "Be terse."},
+                                                     {"role": "user", "content": "Hi"}]},
+              {"conversations": [{"from": "human", "value": "Name a river."}]}, {"prompt": "plain"})
+    assert load_texts(str(f), guesses=input_field_guesses("sft"), chat=True) == [
+        {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]},
+        {"messages": [{"role": "user", "content": "Name a river."}]}, {"text": "plain"}]
+    bad = jsonl(tmp_path / "bad.jsonl", {"messages": [{"role": "robot", "content": "x"}]})
+    with pytest.raises(LmforgeError) as exc:
+        load_texts(str(bad), chat=True)
+    assert_has(str(exc.value), "bad.jsonl:1", "role 'robot'")
+
+
 def test_input_field_guesses_put_the_trained_field_first():
     assert input_field_guesses("classify", "Body")[:2] == ("body", "text")
     assert "review" in input_field_guesses("classify") and "src" in input_field_guesses("translate")

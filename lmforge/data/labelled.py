@@ -600,32 +600,37 @@ _ROLE_ALIASES = {"human": "user", "gpt": "assistant"}  # ShareGPT's from/value t
 _CHAT_ROLES = ("system", "user", "assistant")
 
 
+def _chat_turns(turns: Any, key: str, text_cells: bool) -> list[dict]:
+    """[{role, content}] from a messages field (OpenAI or ShareGPT turns; a JSON string in CSV cells)."""
+    if text_cells and isinstance(turns, str):
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError as e:
+            raise _Bad(f"field '{key}': invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(turns, list) or not turns:
+        raise _Bad(f"field '{key}' must be a non-empty list of {{role, content}} turns, got {_type(turns)}")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise _Bad(f"field '{key}'[{i}] must be an object with role and content, got {_type(turn)}")
+        role, content = turn.get("role", turn.get("from")), turn.get("content", turn.get("value"))
+        role = _ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
+        if role not in _CHAT_ROLES:
+            hint = closest(str(role), _CHAT_ROLES)
+            raise _Bad(f"field '{key}'[{i}]: role {role!r} is not one of {', '.join(_CHAT_ROLES)}{hint}")
+        if not isinstance(content, str):
+            raise _Bad(f"field '{key}'[{i}]: content must be a string, got {_type(content)}")
+        if role != "system" and not content.strip():
+            raise _Bad(f"field '{key}'[{i}]: {role} content is empty")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
 def _sft(rec: _Record, f: dict[str, str]) -> dict:
     obj = rec.obj
     if "messages" in f:
         key = f["messages"]
-        turns = _get(obj, key, "messages")
-        if rec.text_cells and isinstance(turns, str):
-            try:
-                turns = json.loads(turns)
-            except json.JSONDecodeError as e:
-                raise _Bad(f"field '{key}': invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(turns, list) or not turns:
-            raise _Bad(f"field '{key}' must be a non-empty list of {{role, content}} turns, got {_type(turns)}")
-        messages = []
-        for i, turn in enumerate(turns):
-            if not isinstance(turn, dict):
-                raise _Bad(f"field '{key}'[{i}] must be an object with role and content, got {_type(turn)}")
-            role, content = turn.get("role", turn.get("from")), turn.get("content", turn.get("value"))
-            role = _ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
-            if role not in _CHAT_ROLES:
-                hint = closest(str(role), _CHAT_ROLES)
-                raise _Bad(f"field '{key}'[{i}]: role {role!r} is not one of {', '.join(_CHAT_ROLES)}{hint}")
-            if not isinstance(content, str):
-                raise _Bad(f"field '{key}'[{i}]: content must be a string, got {_type(content)}")
-            if role != "system" and not content.strip():
-                raise _Bad(f"field '{key}'[{i}]: {role} content is empty")
-            messages.append({"role": role, "content": content})
+        messages = _chat_turns(_get(obj, key, "messages"), key, rec.text_cells)
         if not any(m["role"] == "assistant" for m in messages):
             raise _Bad(f"field '{key}' has no assistant turn to learn from")
         return {"messages": messages}
@@ -718,15 +723,24 @@ def input_field_guesses(task: str, trained: str | None = None) -> tuple[str, ...
     return tuple(dict.fromkeys(((trained.lower(),) if trained else ()) + own + _TEXT_FIELDS))
 
 
-def load_texts(spec: str, field: str | None = None, guesses: tuple[str, ...] = _TEXT_FIELDS) -> list[dict]:
+def load_texts(spec: str, field: str | None = None, guesses: tuple[str, ...] = _TEXT_FIELDS,
+               chat: bool = False) -> list[dict]:
     """Unlabelled inputs for prediction: each record's `field` (exactly, as explicit field names are), or without
-    one the first of `guesses` it has (case-insensitively, as guessed fields are)."""
+    one the first of `guesses` it has (case-insensitively, as guessed fields are). With `chat`, a record with a
+    messages field (a conversation to continue) gives {"messages": [...]} instead."""
     path, src = resolve_data(spec)
     looked = (field,) if field else guesses
     rows = []
     for rec in _iter_records(path, src):
         if rec.error:
             raise LmforgeError(rec.error)
+        chat_key = _find(rec.obj, _ROLES["sft"][0].candidates) if chat and not field else None
+        if chat_key is not None:
+            try:
+                rows.append({"messages": _chat_turns(rec.obj[chat_key], chat_key, rec.text_cells)})
+            except _Bad as e:
+                raise LmforgeError(f"{rec.loc}: {e}") from None
+            continue
         obj = rec.obj
         nested = _find(obj, ("translation",))  # {"translation": {"en": ..., "es": ...}}, as Hugging Face sets have
         if nested is not None and isinstance(obj[nested], dict):

@@ -49,7 +49,7 @@ def _rows(cfg: PredictConfig, task: str, t, extras: dict) -> list[dict]:
                 return load_texts(cfg.input, named)
             trained = next((v for k, v in (extras.get("data_fields") or {}).items()
                             if k in ("text", "source", "prompt")), None)  # guessed in the training data: 'review'
-            return load_texts(cfg.input, guesses=input_field_guesses(task, trained))
+            return load_texts(cfg.input, guesses=input_field_guesses(task, trained), chat=task == "sft")
     if task == "qa":
         if not cfg.question or not cfg.context:
             raise LmforgeError("qa needs --question and --context (or --input FILE)")
