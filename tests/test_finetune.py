@@ -106,6 +106,16 @@ def test_predict_reads_the_field_the_training_data_had(tiny_bert, tmp_path):
     assert_user_error(cli("predict", "--model", out, "--input", bad), "bad.jsonl:1", "review")
 
 
+def test_predict_and_serve_truncate_as_the_classifier_was_trained():
+    # evaluate scores with the fine-tuning max_length (128 by default); predict/serve used 512, so a long
+    # review could get another label from `predict` than from `evaluate`
+    from lmforge.tasks.classify import trained_max_length
+
+    assert trained_max_length({"finetune": {"max_length": 0}}, 512) == 128
+    assert trained_max_length({"finetune": {"max_length": 64}}, 512) == 64
+    assert trained_max_length({}, 512) == 512  # a classifier lmforge did not fine-tune keeps its own limit
+
+
 def test_attention_kernel_choice():
     from lmforge.recipes.finetune import _attention
 

@@ -82,11 +82,11 @@ def run(cfg: PredictConfig) -> int:
 
 def predict_rows(task: str, t, model, tokenizer, extras: dict, rows: list[dict], cfg: PredictConfig) -> list[dict]:
     if task == "classify":
-        from lmforge.tasks.classify import classify_texts
+        from lmforge.tasks.classify import classify_texts, trained_max_length
 
         texts = [r["text"] for r in rows]
-        return [{"text": x, **p} for x, p in zip(texts, classify_texts(model, tokenizer, texts,
-                                                                        batch_size=cfg.batch_size))]
+        return [{"text": x, **p} for x, p in zip(texts, classify_texts(
+            model, tokenizer, texts, max_length=trained_max_length(extras, 512), batch_size=cfg.batch_size))]
     if task == "qa":
         from lmforge.tasks.qa import answer
 

@@ -736,11 +736,14 @@ def _add_classify_route(app: FastAPI, state: State) -> None:
 
 
 def _classify(state: State, texts: list[str], batch_size: int = 32) -> tuple[list[dict], int]:
+    from lmforge.tasks.classify import trained_max_length
+
     s = state.served
     model, tok = s.model, s.tokenizer
+    max_length = min(s.context_length, trained_max_length(s.extras, s.context_length))
     out, n_tokens = [], 0
     for b in range(0, len(texts), batch_size):
-        enc = tok(texts[b:b + batch_size], truncation=True, max_length=s.context_length, padding=True,
+        enc = tok(texts[b:b + batch_size], truncation=True, max_length=max_length, padding=True,
                   return_tensors="pt")
         n_tokens += int(enc["attention_mask"].sum())
         logits = model(**{k: v.to(s.device) for k, v in enc.items()}).logits.float().cpu()  # (B, C)

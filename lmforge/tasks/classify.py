@@ -136,6 +136,15 @@ class ClassifyTask(Task):
         return EvalResult(metrics, preds)
 
 
+def trained_max_length(extras: dict, fallback: int) -> int:
+    """The truncation a classifier fine-tuned here was trained and evaluated with (its lmforge_config.yaml), so
+    `predict` and `serve` score a long text exactly as `evaluate` does; `fallback` for other folders."""
+    finetune = (extras or {}).get("finetune")
+    if not finetune:
+        return fallback
+    return int(finetune.get("max_length") or ClassifyTask.default_max_length)
+
+
 def classify_texts(model, tokenizer, texts: list[str], max_length: int = 512, batch_size: int = 32) -> list[dict]:
     """For `lmforge predict` and serving: [{"label", "score", "scores": {label: p}}] per text."""
     model.eval()
