@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from lmforge.data.labelled import (BUILTIN_SETS, build_label_map, check_labels, holdout, load_examples,
-                                   input_field_guesses, load_texts, resolve_data)
+                                   input_field_guesses, load_questions, load_texts,
+                                   resolve_data)
 from lmforge.errors import LmforgeError
 
 
@@ -435,6 +436,18 @@ def test_load_texts_reads_conversations_to_continue(tmp_path):
     with pytest.raises(LmforgeError) as exc:
         load_texts(str(bad), chat=True)
     assert_has(str(exc.value), "bad.jsonl:1", "role 'robot'")
+
+
+def test_load_questions_needs_no_answers(tmp_path):
+    flat = jsonl(tmp_path / "q.jsonl", {"Question": "Who?", "passage": "Noah did."})
+    assert load_questions(str(flat)) == [{"question": "Who?", "context": "Noah did."}]
+    nested = tmp_path / "squad.json"
+    nested.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [
+        {"context": "Noah built the ark.", "qas": [{"id": "1", "question": "Who built the ark?"}]}]}]}))
+    assert load_questions(str(nested)) == [{"question": "Who built the ark?", "context": "Noah built the ark."}]
+    with pytest.raises(LmforgeError) as exc:
+        load_questions(str(jsonl(tmp_path / "bad.jsonl", {"question": "Who?"})))
+    assert_has(str(exc.value), "bad.jsonl:1", "no context field")
 
 
 def test_input_field_guesses_put_the_trained_field_first():

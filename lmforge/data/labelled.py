@@ -753,6 +753,29 @@ def load_texts(spec: str, field: str | None = None, guesses: tuple[str, ...] = _
     return rows
 
 
+def load_questions(spec: str, question_field: str | None = None, context_field: str | None = None) -> list[dict]:
+    """Unlabelled QA inputs for prediction: [{"question", "context"}] per record (no answers needed); fields as
+    named, else guessed like training data's, including SQuAD's nested JSON."""
+    path, src = resolve_data(spec)
+    roles = {r.name: r for r in _ROLES["qa"]}
+    rows = []
+    for rec in _iter_records(path, src):
+        if rec.error:
+            raise LmforgeError(rec.error)
+        row = {}
+        for role, named in (("question", question_field), ("context", context_field)):
+            key = named if named is not None else _find(rec.obj, roles[role].candidates)
+            if key is None or key not in rec.obj:
+                raise LmforgeError(f"{rec.loc}: " + (_no_field(rec.obj, role, key) if key is not None else
+                                                     _no_field(rec.obj, role, looked=roles[role].candidates)))
+            try:
+                row[role] = _text(rec.obj, key, role)
+            except _Bad as e:
+                raise LmforgeError(f"{rec.loc}: {e}") from None
+        rows.append(row)
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------- labels
 
 def _is_number(x: Any) -> bool:

@@ -39,10 +39,14 @@ def _rows(cfg: PredictConfig, task: str, t, extras: dict) -> list[dict]:
         try:
             return load_examples(cfg.input, task, t.fields()).rows
         except LmforgeError as e:
-            # Prediction inputs have no labels/answers/targets: fall back to the text field alone.
-            if task == "qa" or "field" not in str(e):
+            # Prediction inputs have no labels/answers/targets: fall back to the inputs alone.
+            if "field" not in str(e):
                 raise
-            from lmforge.data.labelled import input_field_guesses, load_texts
+            from lmforge.data.labelled import input_field_guesses, load_questions, load_texts
+
+            if task == "qa":
+                given = t.fields()
+                return load_questions(cfg.input, given.get("question"), given.get("context"))
 
             named = next((v for k, v in t.fields().items() if k in ("text", "source", "prompt") and v), None)
             if named:  # the model was fine-tuned with --text-field and the like: the same name, exactly
