@@ -83,6 +83,8 @@ def test_classify_end_to_end_loads_with_plain_transformers(tiny_bert, sentiment,
     bad = _write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, {"review_body": "no known field"}])
     assert_user_error(cli("predict", "--model", out, "--input", bad), "bad.jsonl:2")
 
+    # evaluate needs labels; its hint names its own --field option, not finetune's --label-field
+    assert_user_error(cli("evaluate", "--model", out, "--data", unlabelled), "in.jsonl:1", "--field label=NAME")
     ev = cli("evaluate", "--model", out, "--data", val)
     assert ev.code == 0, ev.err
     assert json.loads(ev.out)["accuracy"] == pytest.approx(metrics["validation"]["accuracy"])

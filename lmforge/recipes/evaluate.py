@@ -13,6 +13,7 @@ task's metrics (accuracy/F1, exact match/F1, loss/perplexity, BLEU/chrF), as `fi
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from lmforge.config import opt
@@ -133,7 +134,12 @@ def evaluate_task(cfg: EvaluateConfig, path, task: str) -> int:
         overrides["max_new_tokens"] = cfg.max_new_tokens
     with torch.no_grad():
         t, model, tokenizer, _ = load_for_task(path, task, overrides)
-        loaded = load_examples(cfg.data[0], task, t.fields(), split="test")
+        try:
+            loaded = load_examples(cfg.data[0], task, t.fields(), split="test")
+        except LmforgeError as e:  # the reader names finetune's --x-field options; evaluate spells them --field
+            hint = re.sub(r"set --([a-z-]+)-field\b", lambda m: f"set --field {m.group(1).replace('-', '_')}=NAME",
+                          str(e))
+            raise LmforgeError(hint) from None
         if cfg.max_examples:
             loaded.rows, loaded.line_numbers = loaded.rows[:cfg.max_examples], loaded.line_numbers[:cfg.max_examples]
         device = torch.device("cpu")
