@@ -715,16 +715,21 @@ _TEXT_FIELDS = ("text", "sentence", "source", "prompt", "content")
 _INPUT_ROLE = {"classify": "text", "translate": "source", "sft": "prompt"}  # what a model reads at prediction
 
 
+def input_role(task: str) -> str:
+    """The one field a fine-tuned model reads from an unlabelled row: text, source (translate) or prompt (sft)."""
+    return _INPUT_ROLE.get(task, "text")
+
+
 def input_field_guesses(task: str, trained: str | None = None) -> tuple[str, ...]:
     """Names to guess the input field of an unlabelled row by: the field the model was trained on first, then
     the names its task guesses for that role (classify: text, sentence, review...), then the generic ones."""
-    role = _INPUT_ROLE.get(task)
+    role = input_role(task)
     own = next((r.candidates for r in _ROLES.get(task, []) if r.name == role), ())
     return tuple(dict.fromkeys(((trained.lower(),) if trained else ()) + own + _TEXT_FIELDS))
 
 
 def load_texts(spec: str, field: str | None = None, guesses: tuple[str, ...] = _TEXT_FIELDS,
-               chat: bool = False) -> list[dict]:
+               chat: bool = False, role: str = "text") -> list[dict]:
     """Unlabelled inputs for prediction: each record's `field` (exactly, as explicit field names are), or without
     one the first of `guesses` it has (case-insensitively, as guessed fields are). With `chat`, a record with a
     messages field (a conversation to continue) gives {"messages": [...]} instead."""
@@ -747,8 +752,8 @@ def load_texts(spec: str, field: str | None = None, guesses: tuple[str, ...] = _
             obj = obj[nested]
         key = (field if field in obj else None) if field else _find(obj, guesses)
         if key is None or not isinstance(obj[key], str):
-            raise LmforgeError(f"{rec.loc}: no text field: looked for {', '.join(looked)} "
-                               f"(fields: {', '.join(map(str, obj)) or 'none'})")
+            raise LmforgeError(f"{rec.loc}: no {role} field: looked for {', '.join(looked)} "
+                               f"(fields: {', '.join(map(str, obj)) or 'none'}); set {_OPTION[role]}")
         rows.append({"text": obj[key]})
     return rows
 

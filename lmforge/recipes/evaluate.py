@@ -41,6 +41,23 @@ class EvaluateConfig:
     predictions: str | None = opt(None, "tasks: also write per-example predictions to this JSONL file")
 
 
+def field_overrides(items: list[str]) -> dict:
+    """--field ROLE=NAME items (evaluate, predict) as FinetuneConfig overrides: {"text_field": "sentence"}."""
+    out = {}
+    for item in items:
+        role, sep, name = item.partition("=")
+        if not sep or not name:
+            raise LmforgeError(f"--field {item!r}: expected ROLE=NAME, e.g. text=sentence")
+        out[f"{role}_field"] = name
+    return out
+
+
+def field_hint(e: LmforgeError) -> LmforgeError:
+    """The data reader's errors name finetune's --x-field options; evaluate and predict spell them --field."""
+    return LmforgeError(re.sub(r"set --([a-z-]+)-field\b",
+                               lambda m: f"set --field {m.group(1).replace('-', '_')}=NAME", str(e)))
+
+
 def run(cfg: EvaluateConfig) -> int:
     import numpy as np
     import torch
@@ -122,12 +139,7 @@ def evaluate_task(cfg: EvaluateConfig, path, task: str) -> int:
 
     if len(cfg.data) != 1:
         raise LmforgeError(f"--task {task}: pass one --data file or built-in set (e.g. rotten_tomatoes:test)")
-    overrides = {}
-    for item in cfg.field:
-        role, sep, name = item.partition("=")
-        if not sep or not name:
-            raise LmforgeError(f"--field {item!r}: expected ROLE=NAME, e.g. text=sentence")
-        overrides[f"{role}_field"] = name
+    overrides = field_overrides(cfg.field)
     if cfg.num_beams:
         overrides["num_beams"] = cfg.num_beams
     if cfg.max_new_tokens:
@@ -136,10 +148,8 @@ def evaluate_task(cfg: EvaluateConfig, path, task: str) -> int:
         t, model, tokenizer, _ = load_for_task(path, task, overrides)
         try:
             loaded = load_examples(cfg.data[0], task, t.fields(), split="test")
-        except LmforgeError as e:  # the reader names finetune's --x-field options; evaluate spells them --field
-            hint = re.sub(r"set --([a-z-]+)-field\b", lambda m: f"set --field {m.group(1).replace('-', '_')}=NAME",
-                          str(e))
-            raise LmforgeError(hint) from None
+        except LmforgeError as e:
+            raise field_hint(e) from None
         if cfg.max_examples:
             loaded.rows, loaded.line_numbers = loaded.rows[:cfg.max_examples], loaded.line_numbers[:cfg.max_examples]
         device = torch.device("cpu")

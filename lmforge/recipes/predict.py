@@ -27,33 +27,20 @@ class PredictConfig:
     question: str = opt("", "qa: the question")
     context: str = opt("", "qa: the passage to find the answer in")
     input: str | None = opt(None, "a data file (.jsonl/.csv/...) whose rows to predict")
+    field: list[str] = opt([], "with --input: field names as ROLE=NAME, e.g. text=review (default: as trained)")
     max_new_tokens: int = opt(256, "translate/sft: tokens to generate at most", ge=1)
     num_beams: int = opt(1, "translate/sft: beam width (1: greedy)", ge=1)
     batch_size: int = opt(16, "inputs per batch", ge=1)
 
 
 def _rows(cfg: PredictConfig, task: str, t, extras: dict) -> list[dict]:
-    from lmforge.data.labelled import load_examples
+    from lmforge.recipes.evaluate import field_hint
 
     if cfg.input:
         try:
-            return load_examples(cfg.input, task, t.fields()).rows
+            return _input_rows(cfg, task, t, extras)
         except LmforgeError as e:
-            # Prediction inputs have no labels/answers/targets: fall back to the inputs alone.
-            if "field" not in str(e):
-                raise
-            from lmforge.data.labelled import input_field_guesses, load_questions, load_texts
-
-            if task == "qa":
-                given = t.fields()
-                return load_questions(cfg.input, given.get("question"), given.get("context"))
-
-            named = next((v for k, v in t.fields().items() if k in ("text", "source", "prompt") and v), None)
-            if named:  # the model was fine-tuned with --text-field and the like: the same name, exactly
-                return load_texts(cfg.input, named)
-            trained = next((v for k, v in (extras.get("data_fields") or {}).items()
-                            if k in ("text", "source", "prompt")), None)  # guessed in the training data: 'review'
-            return load_texts(cfg.input, guesses=input_field_guesses(task, trained), chat=task == "sft")
+            raise field_hint(e) from None
     if task == "qa":
         if not cfg.question or not cfg.context:
             raise LmforgeError("qa needs --question and --context (or --input FILE)")
@@ -63,11 +50,30 @@ def _rows(cfg: PredictConfig, task: str, t, extras: dict) -> list[dict]:
     return [{"text": x} for x in cfg.text]
 
 
+def _input_rows(cfg: PredictConfig, task: str, t, extras: dict) -> list[dict]:
+    from lmforge.data.labelled import input_field_guesses, input_role, load_examples, load_questions, load_texts
+
+    try:
+        return load_examples(cfg.input, task, t.fields()).rows
+    except LmforgeError as e:
+        # Prediction inputs have no labels/answers/targets: fall back to the inputs alone.
+        if "field" not in str(e):
+            raise
+    given = t.fields()
+    if task == "qa":
+        return load_questions(cfg.input, given.get("question"), given.get("context"))
+    role = input_role(task)
+    if given.get(role):  # --field text=..., or the model was fine-tuned with --text-field and the like: exactly
+        return load_texts(cfg.input, given[role], role=role)
+    trained = (extras.get("data_fields") or {}).get(role)  # guessed in the training data, e.g. 'review'
+    return load_texts(cfg.input, guesses=input_field_guesses(task, trained), chat=task == "sft", role=role)
+
+
 def run(cfg: PredictConfig) -> int:
     import torch
 
     from lmforge.model.hub import resolve_model
-    from lmforge.recipes.evaluate import load_for_task, saved_task
+    from lmforge.recipes.evaluate import field_overrides, load_for_task, saved_task
 
     if not cfg.model:
         raise LmforgeError("--model is required")
@@ -77,7 +83,8 @@ def run(cfg: PredictConfig) -> int:
         raise LmforgeError(f"{path}: not made by 'lmforge finetune'; say what it is with --task")
     with torch.no_grad():
         t, model, tokenizer, extras = load_for_task(path, task, {"num_beams": cfg.num_beams,
-                                                                 "max_new_tokens": cfg.max_new_tokens})
+                                                                 "max_new_tokens": cfg.max_new_tokens,
+                                                                 **field_overrides(cfg.field)})
         rows = _rows(cfg, task, t, extras)
         for row, result in zip(rows, predict_rows(task, t, model, tokenizer, extras, rows, cfg)):
             print(json.dumps(result, ensure_ascii=False), flush=True)
