@@ -77,6 +77,10 @@ def run(cfg: ServeConfig) -> int:
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     url = f"http://{host}:{port}"
     engine = (f", batch {cfg.max_batch}{', native KV cache' if s.native else ''}" if s.engine is not None else "")
+    if s.engine is not None and not s.native and cfg.max_batch > 1:
+        print("note: this architecture runs through transformers, one sequence at a time per step: concurrent "
+              "requests share the loop without the batching speed-up (Llama, Mistral, Qwen2 and SmolLM2 get it)",
+              flush=True)
     print(f"serving {state.name} ({s.kind}, {s.device}, {s.precision}{engine}) from {s.path}", flush=True)
     print(f"  {url}/  playground    {url}/docs  API docs    {url}/health", flush=True)
     for ep in state.endpoints:
