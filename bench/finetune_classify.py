@@ -92,6 +92,8 @@ def lmforge_run(args, work: Path) -> dict:
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=False,
         max_train_examples=args.max_train))
     res = finetune.run(cfg)
+    if "stopped_at" in res:  # Ctrl-C: finetune saved a checkpoint and returned early; stop the benchmark too
+        raise KeyboardInterrupt
     return {"samples_per_s": res["train_samples_per_s"], "test_accuracy": res["test"]["accuracy"],
             "validation_accuracy": res["validation"]["accuracy"],
             "train_seconds": res["train_seconds"], "best_step": res["best_step"]}

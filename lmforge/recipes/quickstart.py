@@ -47,6 +47,8 @@ def run(cfg: QuickstartConfig) -> dict:
     pre = pretrain.run(pretrain.PretrainConfig(data=["shakespeare"], out=str(lm_dir), size=cfg.size,
                                                max_minutes=cfg.minutes, progress=cfg.progress,
                                                sample_tokens=0))
+    if "stopped_at" in pre:  # Ctrl-C: the checkpoint is saved and its --resume command printed; stop here
+        raise KeyboardInterrupt
     final = Path(pre["final_model"])
     model = load_causal_lm(final).eval()
     tok = load_tokenizer(final)
@@ -87,6 +89,8 @@ def _finetune(cfg: QuickstartConfig, out: Path, made: list) -> dict:
                                                    out=str(ft_dir), max_minutes=cfg.finetune_minutes,
                                                    progress=cfg.progress))
     res = finetune.run(ft_cfg)
+    if "stopped_at" in res:
+        raise KeyboardInterrupt
     test = res.get("test") or res.get("validation") or {}
     if "accuracy" in test:
         print(f"\nsentiment classifier test accuracy: {100 * test['accuracy']:.1f} % "
