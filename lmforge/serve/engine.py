@@ -12,6 +12,10 @@ tensor pair per layer, rows 0..n-1 always the running sequences (a finished row 
 one), each row attending to its own length through a mask. Other causal LMs (`HFBackend`) keep one
 transformers cache per sequence and step rows one by one: correct, but without the batching speed-up.
 
+A long prompt that arrives while others generate is prefilled PREFILL_CHUNK tokens per loop into a cache of
+its own (`LlamaBackend.stage`), between decode steps, and joins the batch when complete: the running streams
+wait one chunk per token, not the whole prompt.
+
 Events (text deltas and the finish reason) go to a per-request `sink` callable, called from the engine
 thread; the HTTP layer turns them into asyncio queue items.
 """
