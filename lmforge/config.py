@@ -42,6 +42,10 @@ def _base_type(tp) -> tuple[type, bool]:
     return tp, False
 
 
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
 def _fields(cls) -> dict[str, dataclasses.Field]:
     hints = typing.get_type_hints(cls)
     out = {}
@@ -60,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         flag = "--" + name.replace("_", "-")
         meta = {k: v for k, v in f.metadata.items() if k not in _BOUNDS}
         help_text = meta.pop("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = _default(f)
         if default not in (None, [], "") and tp is not bool:
             help_text += f" (default: {default})"
         help_text = help_text.replace("%", "%%")  # argparse %-formats help ("5% of the run" crashed --help)
@@ -174,7 +178,7 @@ RESUME_MAY_CHANGE = {"out", "resume", "stop_after_steps", "progress", "device", 
                      "log_interval", "save_interval"}
 
 
-def resume_base(args: argparse.Namespace, cls=None) -> dict:
+def resume_base(args: argparse.Namespace, cls) -> dict:
     """With --resume, a run's saved DIR/config.yaml is the base, so `--out DIR --resume` alone is enough.
     Training recipes use it as their `base_config`. An option given again with another value (a longer
     --max-steps, a new --lr) is refused by name instead of being half-applied: the saved state fixes the
@@ -193,8 +197,7 @@ def resume_base(args: argparse.Namespace, cls=None) -> dict:
         given = {**{str(k).replace("-", "_"): v for k, v in load_yaml(args.config).items()}, **given}
     # A default typed again ("--precision auto", "--lr 0") is what the saved value was resolved from, e.g. when
     # the first command line is repeated with --resume: not a change.
-    defaults = {n: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                for n, f in _fields(cls).items()} if cls is not None else {}
+    defaults = {n: _default(f) for n, f in _fields(cls).items()}
     changed = [k for k, v in given.items() if k in saved and k not in RESUME_MAY_CHANGE and not _same(v, saved[k])
                and not (k in defaults and _same(v, defaults[k]))]
     if changed:
