@@ -213,6 +213,13 @@ class LlamaBackend:
         return q, k, v
 
     @staticmethod
+    def _block_out(block, x, y):
+        """The rest of a decoder block after attention: y (B, H, T, hd) -> output projection, residual, MLP."""
+        B, H, T, hd = y.shape
+        x = x + block.attn.o(y.transpose(1, 2).reshape(B, T, H * hd))
+        return x + block.mlp(block.mlp_norm(x))
+
+    @staticmethod
     def _rope(x, cos, sin):
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
@@ -253,8 +260,7 @@ class LlamaBackend:
             self.k[i][r0:r0 + B, :, :T] = k.to(self.dtype)  # (no-op unless under autocast)
             self.v[i][r0:r0 + B, :, :T] = v.to(self.dtype)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            x = x + block.attn.o(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
-            x = x + block.mlp(block.mlp_norm(x))
+            x = self._block_out(block, x, y)
         last = x[torch.arange(B, device=self.device), lens - 1]  # (B, d)
         for j, p in enumerate(prompts):
             self.lens[r0 + j] = len(p)
@@ -289,8 +295,7 @@ class LlamaBackend:
             st["v"][i][:, :, p0:p1] = v.to(self.dtype)
             y = F.scaled_dot_product_attention(q, st["k"][i][:, :, :p1], st["v"][i][:, :, :p1], attn_mask=mask,
                                                enable_gqa=gqa)
-            x = x + block.attn.o(y.transpose(1, 2).reshape(1, T, c.n_head * c.head_dim))
-            x = x + block.mlp(block.mlp_norm(x))
+            x = self._block_out(block, x, y)
         st["pos"] = p1
         if p1 < len(prompt):
             return None
@@ -327,8 +332,7 @@ class LlamaBackend:
             self.v[i][rows, :, pos] = v[:, :, 0].to(self.dtype)
             y = F.scaled_dot_product_attention(q, self.k[i][:n, :, :L], self.v[i][:n, :, :L], attn_mask=mask,
                                                enable_gqa=gqa)
-            x = x + block.attn.o(y.transpose(1, 2).reshape(n, 1, c.n_head * c.head_dim))
-            x = x + block.mlp(block.mlp_norm(x))
+            x = self._block_out(block, x, y)
         for j in range(n):
             self.lens[j] += 1
         return self._logits(x[:, 0])
