@@ -273,23 +273,23 @@ def run(cfg: PretrainConfig) -> dict:
             tokenizer.save_pretrained(folder)
         return ckpt.save_checkpoint(out, step, write, state, config_yaml, keep=cfg.keep_checkpoints)
 
-    stop = StopOnSignal().install()  # before the first evaluation, which can take a while
-    first_eval = None
-    if start_step == 0:
-        first_eval = evaluate(0)
-    else:
-        # Recover the step-0 numbers for the summary from the log of the interrupted run.
-        first_eval = next((r for r in log.rows() if r.get("step") == 0 and "val_loss" in r), None)
-
-    from tqdm import tqdm
-    bar = tqdm(total=max_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True,
-               disable=not (cfg.progress and rt.is_main))
-    model.train()
-    t_start = time.time()
-    window_t, window_tokens = time.time(), 0
-    step = start_step
-    last_eval, stopped_early = None, False
+    stop, bar = StopOnSignal().install(), None  # the handler before the first evaluation, which can take a while
     try:
+        first_eval = None
+        if start_step == 0:
+            first_eval = evaluate(0)
+        else:
+            # Recover the step-0 numbers for the summary from the log of the interrupted run.
+            first_eval = next((r for r in log.rows() if r.get("step") == 0 and "val_loss" in r), None)
+
+        from tqdm import tqdm
+        bar = tqdm(total=max_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True,
+                   disable=not (cfg.progress and rt.is_main))
+        model.train()
+        t_start = time.time()
+        window_t, window_tokens = time.time(), 0
+        step = start_step
+        last_eval, stopped_early = None, False
         while step < max_steps:
             loss = train_step(step)
             step += 1
@@ -326,8 +326,9 @@ def run(cfg: PretrainConfig) -> dict:
                 print("time budget reached", flush=True)
                 break
     finally:
-        bar.close()
-        stop.restore()
+        if bar is not None:
+            bar.close()
+        stop.restore()  # also when the first evaluation fails: no handler outlives the run
 
     train_seconds = time.time() - t_start
     if stopped_early:
