@@ -14,9 +14,11 @@ problem confined to one record is collected in Loaded.skipped instead.
 """
 from __future__ import annotations
 
+import collections
 import csv
 import hashlib
 import io
+import itertools
 import json
 import math
 import re
@@ -828,9 +830,6 @@ def holdout(rows: list[dict], line_numbers: list[int], fraction: float = 0.1, se
     so the split does not depend on file order and exact duplicates land on the same side (no leakage).
     With `labels` (one class per row), a row is held out only while its class keeps a training example:
     an automatic slice must never hold a label that training has not seen."""
-    import collections
-    import itertools
-
     if len(rows) != len(line_numbers):
         raise ValueError("rows and line_numbers differ in length")
     n = len(rows)
