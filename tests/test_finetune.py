@@ -106,6 +106,8 @@ def test_predict_reads_the_field_the_training_data_had(tiny_bert, tmp_path):
     assert len(pred.out.splitlines()) == 2
     bad = _write_jsonl(tmp_path / "bad.jsonl", [{"comment": "no known field"}])
     assert_user_error(cli("predict", "--model", out, "--input", bad), "bad.jsonl:1", "review")
+    assert_user_error(cli("predict", "--model", out, "--input", bad, "--field", "txt=comment"),
+                      "unknown role 'txt'", "did you mean 'text'")
     pred = cli("predict", "--model", out, "--input", bad, "--field", "text=comment")  # or say which field
     assert pred.code == 0, pred.err
     assert json.loads(pred.out)["text"] == "no known field"

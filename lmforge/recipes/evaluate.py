@@ -43,11 +43,19 @@ class EvaluateConfig:
 
 def field_overrides(items: list[str]) -> dict:
     """--field ROLE=NAME items (evaluate, predict) as FinetuneConfig overrides: {"text_field": "sentence"}."""
+    from lmforge import config as C
+    from lmforge.errors import closest
+    from lmforge.recipes.finetune import FinetuneConfig
+
+    roles = [n[:-len("_field")] for n in C._fields(FinetuneConfig) if n.endswith("_field")]
     out = {}
     for item in items:
         role, sep, name = item.partition("=")
         if not sep or not name:
             raise LmforgeError(f"--field {item!r}: expected ROLE=NAME, e.g. text=sentence")
+        if role not in roles:
+            raise LmforgeError(f"--field {item!r}: unknown role '{role}'{closest(role, roles)} "
+                               f"(roles: {', '.join(roles)})")
         out[f"{role}_field"] = name
     return out
 
