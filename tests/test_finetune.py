@@ -88,6 +88,13 @@ def test_classify_end_to_end_loads_with_plain_transformers(tiny_bert, sentiment,
     ev = cli("evaluate", "--model", out, "--data", val)
     assert ev.code == 0, ev.err
     assert json.loads(ev.out)["accuracy"] == pytest.approx(metrics["validation"]["accuracy"])
+    # finetune's own scores are those of the saved model: same precision, the saved attention kernel (not the
+    # eager one bf16 trains with, whose bf16 attention scores move the probabilities)
+    ev = cli("evaluate", "--model", out, "--data", val, "--precision", saved["precision"], "--batch-size", "64",
+             "--predictions", tmp_path / "ev.jsonl")
+    assert ev.code == 0, ev.err
+    again = [json.loads(x) for x in (tmp_path / "ev.jsonl").read_text().splitlines()]
+    assert [r["probabilities"] for r in again] == [r["probabilities"] for r in preds]
 
 
 def test_predict_reads_the_field_the_training_data_had(tiny_bert, tmp_path):
