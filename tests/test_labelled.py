@@ -217,6 +217,17 @@ def test_sft_alpaca_input_and_overrides(tmp_path):
     assert got.rows[0]["messages"][1]["content"] == "x"
 
 
+def test_sft_content_parts_are_joined_as_serve_joins_them(tmp_path):
+    parts = [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "there."}]
+    path = jsonl(tmp_path / "p.jsonl", {"messages": [{"role": "user", "content": parts},
+                                                     {"role": "assistant", "content": "Hi."}]})
+    assert load_examples(str(path), "sft").rows[0]["messages"][0] == {"role": "user", "content": "Hello, there."}
+    image = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "x.png"}}]
+    path = jsonl(tmp_path / "i.jsonl", {"messages": [{"role": "user", "content": image},
+                                                     {"role": "assistant", "content": "A cat."}]})
+    assert_has(error(str(path), "sft"), "i.jsonl:1:", "'messages'[0]", "content[1] is 'image_url'", "text parts")
+
+
 def test_sft_errors(tmp_path):
     path = jsonl(tmp_path / "s.jsonl", {"messages": [{"role": "user", "content": "Hi"}]})
     assert_has(error(str(path), "sft"), "s.jsonl:1:", "'messages'", "no assistant turn")

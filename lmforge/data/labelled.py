@@ -602,6 +602,18 @@ _ROLE_ALIASES = {"human": "user", "gpt": "assistant"}  # ShareGPT's from/value t
 _CHAT_ROLES = ("system", "user", "assistant")
 
 
+def _text_parts(parts: list, where: str) -> str:
+    """The text of OpenAI-style content parts ([{"type": "text", "text": ...}]); other parts are refused."""
+    texts = []
+    for j, part in enumerate(parts):
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            kind = repr(part.get("type")) if isinstance(part, dict) else _type(part)
+            raise _Bad(f"{where}: content[{j}] is {kind}; only text parts ({{\"type\": \"text\", \"text\": ...}}) "
+                       "are supported")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
 def _chat_turns(turns: Any, key: str, text_cells: bool) -> list[dict]:
     """[{role, content}] from a messages field (OpenAI or ShareGPT turns; a JSON string in CSV cells)."""
     if text_cells and isinstance(turns, str):
@@ -620,8 +632,10 @@ def _chat_turns(turns: Any, key: str, text_cells: bool) -> list[dict]:
         if role not in _CHAT_ROLES:
             hint = closest(str(role), _CHAT_ROLES)
             raise _Bad(f"field '{key}'[{i}]: role {role!r} is not one of {', '.join(_CHAT_ROLES)}{hint}")
+        if isinstance(content, list):  # OpenAI content parts: text parts are joined, as `lmforge serve` joins them
+            content = _text_parts(content, f"field '{key}'[{i}]")
         if not isinstance(content, str):
-            raise _Bad(f"field '{key}'[{i}]: content must be a string, got {_type(content)}")
+            raise _Bad(f"field '{key}'[{i}]: content must be a string or a list of text parts, got {_type(content)}")
         if role != "system" and not content.strip():
             raise _Bad(f"field '{key}'[{i}]: {role} content is empty")
         messages.append({"role": role, "content": content})
