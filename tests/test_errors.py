@@ -140,6 +140,17 @@ def test_model_folder_with_broken_config(tmp_path, tiny_run):
     assert "JSON" in line
 
 
+def test_missing_folder_that_could_be_a_hub_id(monkeypatch):
+    import huggingface_hub
+
+    def offline(*a, **k):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    assert_user_error(cli("generate", "--model", "runs/nowhere", "--prompt", "x"), "runs/nowhere: no such local folder",
+                      "Hugging Face hub", "LocalEntryNotFoundError")
+
+
 def test_unknown_model_name():
     assert_user_error(cli("generate", "--model", "smollm2-13m", "--prompt", "x"), "did you mean 'smollm2-135m'")
 

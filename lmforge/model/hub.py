@@ -133,5 +133,5 @@ def _download(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
                                                                 "tokenizer*", "*.jinja"]))
     except Exception as e:
-        raise LmforgeError(f"{repo_id}: cannot download from the Hugging Face hub "
+        raise LmforgeError(f"{repo_id}: no such local folder, and downloading it from the Hugging Face hub failed "
                            f"({type(e).__name__}); use a local folder or an alias ({', '.join(ALIASES)})") from None
