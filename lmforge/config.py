@@ -175,7 +175,7 @@ def save(cfg, path: str | os.PathLike) -> None:
 
 # Options that may differ on --resume: how this invocation runs, not what the run trains.
 RESUME_MAY_CHANGE = {"out", "resume", "stop_after_steps", "progress", "device", "eval_batch_size", "keep_checkpoints",
-                     "log_interval", "save_interval"}
+                     "log_interval", "save_interval", "fsdp"}
 
 
 def resume_base(args: argparse.Namespace, cls) -> dict:

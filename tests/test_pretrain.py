@@ -164,6 +164,36 @@ def test_two_processes_with_torchrun(tmp_path, tiny_run):
     assert [r["step"] for r in metrics_rows(out) if "val_loss" in r] == [0, 3, 6]  # rank 0 alone writes the log
 
 
+def test_fsdp_matches_ddp_and_resumes_either_way(tmp_path, tiny_run):
+    """Sharded training is the same training: FSDP's losses and weights equal DDP's (fp32), its checkpoint is a
+    plain HF folder, and a run resumes across the two (the optimizer state is saved in either layout)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    args = ("--max-steps", "6", "--eval-interval", "3", "--precision", "fp32")
+    ddp = tmp_path / "ddp"
+    assert torchrun(*fast_args(tiny_run, ddp, *args)).returncode == 0
+    fsdp = tmp_path / "fsdp"
+    res = torchrun(*fast_args(tiny_run, fsdp, *args, "--fsdp", "--stop-after-steps", "3"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "world 2 (FSDP)" in res.stdout and "stopped at step 3" in res.stdout
+    AutoModelForCausalLM.from_pretrained(fsdp / "checkpoints" / "step-000003")  # gathered, not shards
+    res = torchrun("pretrain", "--out", fsdp, "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    switched = tmp_path / "switched"  # started under DDP, finished sharded
+    assert torchrun(*fast_args(tiny_run, switched, *args, "--stop-after-steps", "3")).returncode == 0
+    res = torchrun("pretrain", "--out", switched, "--resume", "--fsdp")
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    want = [r["val_loss"] for r in metrics_rows(ddp) if "val_loss" in r]
+    ref = load_file(ddp / "final" / "model.safetensors")
+    for run in (fsdp, switched):
+        assert [r["val_loss"] for r in metrics_rows(run) if "val_loss" in r] == pytest.approx(want, abs=1e-5)
+        got = load_file(run / "final" / "model.safetensors")
+        assert got.keys() == ref.keys()
+        assert max((got[k] - ref[k]).abs().max().item() for k in ref) < 1e-5
+
+
 def test_resume_refuses_changed_options_by_name(tmp_path, tiny_run):
     out = tmp_path / "c"
     assert cli(*fast_args(tiny_run, out, "--max-steps", "6", "--stop-after-steps", "2")).code == 0

@@ -41,8 +41,11 @@ class HFCausalLM(nn.Module):
 
         return DynamicCache()
 
-    def save_hf(self, folder) -> None:
-        self.hf.save_pretrained(folder, safe_serialization=True)
+    def save_hf(self, folder, state: dict[str, torch.Tensor] | None = None) -> None:
+        """`state`: this module's state dict to write instead of the live parameters (FSDP gathers one)."""
+        if state is not None:
+            state = {k.removeprefix("hf."): v for k, v in state.items()}
+        self.hf.save_pretrained(folder, safe_serialization=True, state_dict=state)
 
 
 def read_config(folder: Path) -> dict:

@@ -255,26 +255,28 @@ class LlamaLM(nn.Module):
 
     # ---- Hugging Face format -------------------------------------------------------------------------
 
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """Our weights under LlamaForCausalLM's names, fused projections split back apart."""
+    def hf_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Our weights under LlamaForCausalLM's names, fused projections split back apart. `state`: our own
+        state dict to convert instead of the live parameters (FSDP gathers one; its parameters are shards)."""
         c = self.cfg
-        sd = {"model.embed_tokens.weight": self.embed.weight, "model.norm.weight": self.norm.weight}
+        w = state if state is not None else dict(self.named_parameters(remove_duplicate=False))
+        sd = {"model.embed_tokens.weight": w["embed.weight"], "model.norm.weight": w["norm.weight"]}
         if not c.tie_embeddings:
-            sd["lm_head.weight"] = self.lm_head.weight
+            sd["lm_head.weight"] = w["lm_head.weight"]
         sizes = [c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim]
-        for i, b in enumerate(self.layers):
-            p = f"model.layers.{i}."
-            q, k, v = b.attn.qkv.weight.split(sizes)
+        for i in range(c.n_layer):
+            b, p = f"layers.{i}.", f"model.layers.{i}."
+            q, k, v = w[b + "attn.qkv.weight"].split(sizes)
             if c.qkv_bias:
-                sd.update({p + f"self_attn.{n}_proj.bias": t for n, t in zip("qkv", b.attn.qkv.bias.split(sizes))})
-            gate, up = b.mlp.gate_up.weight.chunk(2)
+                sd.update({p + f"self_attn.{n}_proj.bias": t for n, t in zip("qkv", w[b + "attn.qkv.bias"].split(sizes))})
+            gate, up = w[b + "mlp.gate_up.weight"].chunk(2)
             sd.update({
                 p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-                p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": b.attn.o.weight,
+                p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": w[b + "attn.o.weight"],
                 p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-                p + "mlp.down_proj.weight": b.mlp.down.weight,
-                p + "input_layernorm.weight": b.attn_norm.weight,
-                p + "post_attention_layernorm.weight": b.mlp_norm.weight,
+                p + "mlp.down_proj.weight": w[b + "mlp.down.weight"],
+                p + "input_layernorm.weight": w[b + "attn_norm.weight"],
+                p + "post_attention_layernorm.weight": w[b + "mlp_norm.weight"],
             })
         return {k: v.detach().contiguous() for k, v in sd.items()}
 
@@ -295,13 +297,13 @@ class LlamaLM(nn.Module):
             "use_cache": True,
         }
 
-    def save_hf(self, folder: str | Path) -> None:
-        """Write config.json + model.safetensors (float32) into an existing folder."""
+    def save_hf(self, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write config.json + model.safetensors (float32) into an existing folder (`state`: see hf_state_dict)."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         (folder / "config.json").write_text(json.dumps(self.hf_config(), indent=2))
-        save_file({k: v.float().cpu() for k, v in self.hf_state_dict().items()},
+        save_file({k: v.float().cpu() for k, v in self.hf_state_dict(state).items()},
                   str(folder / "model.safetensors"), metadata={"format": "pt"})
 
     @classmethod

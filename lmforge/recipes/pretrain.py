@@ -48,6 +48,8 @@ class PretrainConfig:
     precision: str = opt("auto", "numeric precision (auto: bf16 where the hardware runs it faster)",
                          choices=["auto", "bf16", "fp16", "fp32"])
     device: str = opt("auto", "cpu, cuda, mps or auto")
+    fsdp: bool = opt(False, "under torchrun, shard parameters, gradients and optimizer state over the processes "
+                            "(FSDP) instead of replicating them (DDP): for models too big to hold once per GPU")
     compile: str = opt("auto", "torch.compile the model: ~15 s up front, ~15% faster steps (auto: on for runs "
                                "of 2+ minutes or 500+ steps when a C compiler is present)", choices=["auto", "on", "off"])
     val_fraction: float = opt(0.05, "fraction of tokens held out for validation (the tail of the corpus)", gt=0, lt=1)
@@ -112,7 +114,8 @@ def run(cfg: PretrainConfig) -> dict:
     from lmforge.tokenizer.bpe import load_tokenizer, token_byte_lengths
     from lmforge.train import checkpoint as ckpt
     from lmforge.train.common import (MetricsLog, StopOnSignal, autocast, build_optimizer, format_duration,
-                                      resolve_precision, setup_runtime, warmup_cosine)
+                                      full_state, load_optimizer_state, resolve_precision, setup_runtime,
+                                      shard_model, warmup_cosine)
 
     if not cfg.out:
         raise LmforgeError("--out is required (the folder for checkpoints and the final model)")
@@ -169,9 +172,14 @@ def run(cfg: PretrainConfig) -> dict:
         flops_per_token = 6 * n_params
 
     lr = cfg.lr or (1e-4 if init_path else 2e-3)
+    sharded = cfg.fsdp and rt.distributed
+    if cfg.fsdp and not rt.distributed:
+        print("--fsdp: one process has nothing to shard with; training unsharded (start it with torchrun)", flush=True)
+    if sharded:
+        shard_model(model)  # before the optimizer, which must hold the shards
     optimizer = build_optimizer(model, lr, cfg.weight_decay, device=rt.device)
     train_model = model
-    if rt.distributed:
+    if rt.distributed and not sharded:
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and compile_pays_off(cfg, rt.device))
     if use_compile:
@@ -218,7 +226,7 @@ def run(cfg: PretrainConfig) -> dict:
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else min(200, max(1, max_steps // 20))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, max_steps, cfg.min_lr_ratio))
     if resume_from is not None:
-        optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer_state(model, optimizer, saved["optimizer"], sharded)
         scheduler.load_state_dict(saved["scheduler"])
         ckpt.set_rng_state(saved["rng"])
     eval_interval = cfg.eval_interval or max(1, math.ceil(max_steps / 10))
@@ -237,7 +245,7 @@ def run(cfg: PretrainConfig) -> dict:
             log.path.unlink()  # a fresh run in an old folder: start the log over
     print(f"model: {n_params / 1e6:.2f}M parameters | context {context} | {tokens_per_step:,} tokens/step | "
           f"{max_steps} steps | precision {precision}{' | compiled' if use_compile else ''} | device {rt.device}"
-          + (f" | world {rt.world_size}" if rt.distributed else ""), flush=True)
+          + (f" | world {rt.world_size}{' (FSDP)' if sharded else ''}" if rt.distributed else ""), flush=True)
     print(f"data: {data.meta['train_tokens']:,} training / {data.meta['val_tokens']:,} validation tokens "
           f"(cache {data.path})", flush=True)
     if resume_from is not None:
@@ -252,7 +260,7 @@ def run(cfg: PretrainConfig) -> dict:
         row = {"step": step, "val_loss": res["loss"], "val_ppl": res["perplexity"], "val_bpb": res["bits_per_byte"]}
         msg = (f"step {step}: val loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | "
                f"bits/byte {res['bits_per_byte']:.4f}")
-        if cfg.sample_tokens and rt.is_main:
+        if cfg.sample_tokens and (rt.is_main or sharded):  # sharded, every rank takes part in each forward
             prompt = tokenizer.decode(sample_prompt_ids)
             text = generate_text(model, tokenizer, prompt, max_new_tokens=cfg.sample_tokens, temperature=0.8,
                                  top_k=50, seed=cfg.seed)
@@ -264,12 +272,15 @@ def run(cfg: PretrainConfig) -> dict:
         return row
 
     def save(step: int) -> Path | None:
+        # Sharded, every rank hands its shards to rank 0, which writes the same files as an unsharded run.
+        model_state, optim_state = full_state(model, optimizer) if sharded else (None, None)
         if not rt.is_main:
             return None
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
-                 "step": step, "max_steps": max_steps, "data_position": {"step": step, "seed": cfg.seed}}
+        state = {"optimizer": optim_state if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": ckpt.rng_state(), "step": step, "max_steps": max_steps,
+                 "data_position": {"step": step, "seed": cfg.seed}}
         def write(folder: Path):
-            model.save_hf(folder)
+            model.save_hf(folder, model_state)
             tokenizer.save_pretrained(folder)
         return ckpt.save_checkpoint(out, step, write, state, config_yaml, keep=cfg.keep_checkpoints)
 
@@ -340,10 +351,11 @@ def run(cfg: PretrainConfig) -> dict:
     if last_eval is None or last_eval["step"] != step:
         last_eval = evaluate(step)
     summary = {}
+    model_state = full_state(model)[0] if sharded else None
     if rt.is_main:
         final = out / "final"
         def write_final(folder: Path):
-            model.save_hf(folder)
+            model.save_hf(folder, model_state)
             tokenizer.save_pretrained(folder)
             (folder / "lmforge_config.yaml").write_text(config_yaml, encoding="utf-8")
         ckpt.write_folder_atomic(final, write_final)

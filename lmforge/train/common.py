@@ -122,6 +122,66 @@ def autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+# ---- sharding across ranks (FSDP) ------------------------------------------------------------------------
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | list:
+    """The model's stack of transformer blocks: its longest ModuleList (LlamaLM.layers, HF's model.layers)."""
+    stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return max(stacks, key=len) if stacks else []
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2 in place: each block, then the rest, sharded over the ranks, so parameters, gradients and AdamW
+    state take 1/world of the memory DDP's replicas take (DDP trades that memory for less communication).
+
+    Rank 0's weights are broadcast first, as DDP does at construction, so every rank starts from one model.
+    Build the optimizer afterwards: it must hold the sharded parameters."""
+    from torch.distributed.fsdp import fully_shard
+
+    with torch.no_grad():
+        for p in {id(p): p for p in model.parameters()}.values():  # tied weights once
+            torch.distributed.broadcast(p.data, 0)
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def full_state(model: torch.nn.Module, optimizer=None) -> tuple[dict, dict | None]:
+    """The unsharded model (and optimizer) state on CPU, on rank 0; empty elsewhere. Every rank must call it.
+    The optimizer state is keyed by parameter names (`load_optimizer_state` reads either layout)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=options)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+    return model_sd, optim_sd
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, sharded: bool) -> None:
+    """Load a saved optimizer state in either layout: an unsharded run's (`optimizer.state_dict()`, parameters
+    numbered) or a sharded run's (`full_state`, parameters named), so a run may resume with or without FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the numbering's order
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for p in params]
+    by_name = any(isinstance(k, str) for k in state["state"]) or any(
+        isinstance(k, str) for g in state["param_groups"] for k in g["params"])
+    if sharded:
+        if not by_name:
+            state = {"state": {order[i]: v for i, v in state["state"].items()},
+                     "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                                 options=StateDictOptions(full_state_dict=True))
+        return
+    if by_name:
+        index = {name: i for i, name in enumerate(order)}
+        state = {"state": {index[k]: v for k, v in state["state"].items()},
+                 "param_groups": [{**g, "params": [index[k] for k in g["params"]]} for g in state["param_groups"]]}
+    optimizer.load_state_dict(state)
+
+
 # ---- optimisation ---------------------------------------------------------------------------------------
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95),
