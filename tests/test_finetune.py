@@ -219,6 +219,42 @@ def test_two_processes_with_torchrun_and_max_minutes(tiny_bert, sentiment, tmp_p
     assert metrics["steps"] >= 13 and (out / "final" / "config.json").is_file()
 
 
+def test_fsdp_matches_ddp_resumes_and_generates(tiny_bert, sentiment, tiny_t5, tmp_path):
+    """--fsdp under torchrun: LoRA classification stopped and resumed ends with DDP's weights (fp32), written as
+    a plain merged HF folder; a sharded seq2seq model evaluates through generate() (its encoder runs outside
+    the model's forward) to the same weights and predictions as DDP."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    def weights(run: Path) -> dict:
+        return load_file(run / "final" / "model.safetensors")
+
+    def same(a: Path, b: Path):
+        wa, wb = weights(a), weights(b)
+        assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+        assert (a / "predictions.jsonl").read_text() == (b / "predictions.jsonl").read_text()
+
+    train, val = sentiment
+    args = ("finetune", "--task", "classify", "--model", tiny_bert, "--train", train, "--validation", val, "--lora",
+            "--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--precision", "fp32", "--no-progress")
+    assert torchrun(*args, "--out", tmp_path / "ddp").returncode == 0
+    res = torchrun(*args, "--out", tmp_path / "fsdp", "--fsdp", "--stop-after-steps", "4")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "world 2 (FSDP)" in res.stdout and "stopped at step 4" in res.stdout
+    res = torchrun("finetune", "--out", tmp_path / "fsdp", "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    same(tmp_path / "ddp", tmp_path / "fsdp")
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "fsdp" / "final")  # merged, not an adapter
+
+    model_dir, data = tiny_t5
+    args = ("finetune", "--task", "translate", "--model", model_dir, "--train", data, "--validation", data,
+            "--max-steps", "4", "--batch-size", "4", "--max-new-tokens", "6", "--precision", "fp32", "--no-progress")
+    assert torchrun(*args, "--out", tmp_path / "t5-ddp").returncode == 0
+    res = torchrun(*args, "--out", tmp_path / "t5-fsdp", "--fsdp")
+    assert res.returncode == 0, res.stderr[-3000:]
+    same(tmp_path / "t5-ddp", tmp_path / "t5-fsdp")
+
+
 def test_fit_steps_follows_the_pace_and_the_budget():
     from lmforge.recipes.finetune import fit_steps
 
@@ -282,20 +318,29 @@ def test_sft_end_to_end(tiny_run, tmp_path):
     assert "reply" in json.loads(pred.out)
 
 
-def test_translate_seq2seq_end_to_end(tmp_path):
-    from transformers import AutoModelForSeq2SeqLM, T5Config, T5ForConditionalGeneration
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> tuple[Path, Path]:
+    """A random 2-layer T5 with a BPE tokenizer, and 16 en/es pairs."""
+    from transformers import T5Config, T5ForConditionalGeneration
 
     from lmforge.tokenizer.bpe import train_bpe
 
+    d = tmp_path_factory.mktemp("t5")
     pairs = [("the house", "la casa"), ("the dog", "el perro"), ("the cat", "el gato"), ("good day", "buen dia")]
-    model_dir = tmp_path / "t5"
+    model_dir = d / "t5"
     tok = train_bpe(["\n".join(f"{a}\n{b}" for a, b in pairs) * 30], 300, model_dir)
     torch.manual_seed(0)
     T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=32, d_kv=16, num_layers=2, num_decoder_layers=2,
                                         num_heads=2, d_ff=64, pad_token_id=tok.pad_token_id,
                                         eos_token_id=tok.eos_token_id,
                                         decoder_start_token_id=tok.pad_token_id)).save_pretrained(model_dir)
-    data = _write_jsonl(tmp_path / "pairs.jsonl", [{"en": a, "es": b} for a, b in pairs] * 4)
+    return model_dir, _write_jsonl(d / "pairs.jsonl", [{"en": a, "es": b} for a, b in pairs] * 4)
+
+
+def test_translate_seq2seq_end_to_end(tiny_t5, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    model_dir, data = tiny_t5
     out = tmp_path / "tr"
     res = cli("finetune", "--task", "translate", "--model", model_dir, "--train", data, "--validation", data,
               "--test", data, "--out", out, "--max-steps", "4", "--batch-size", "8", "--no-progress",

@@ -50,6 +50,8 @@ class FinetuneConfig:
     precision: str = opt("auto", "numeric precision (auto: bf16 where supported and faster)",
                          choices=["auto", "bf16", "fp16", "fp32"])
     device: str = opt("auto", "cpu, cuda, mps or auto")
+    fsdp: bool = opt(False, "under torchrun, shard parameters, gradients and optimizer state over the processes "
+                            "(FSDP) instead of replicating them (DDP): for models too big to hold once per GPU")
     attention: str = opt("auto", "attention kernel (auto: eager for bf16 on a CPU up to 1024 tokens, where "
                                  "it trains up to 1.2x faster than SDPA; the model's default elsewhere)",
                          choices=["auto", "eager", "sdpa"])
@@ -267,8 +269,9 @@ def _save_model(model, tokenizer, folder: Path, merge: bool, extras: dict) -> No
                                                 encoding="utf-8")
 
 
-def _load_weights(model, folder: Path) -> None:
-    """Put a checkpoint's trained weights into `model` (same architecture, LoRA or not)."""
+def _load_weights(model, folder: Path, sharded: bool = False) -> None:
+    """Put a checkpoint's trained weights into `model` (same architecture, LoRA or not; sharded: every rank
+    reads the file and keeps its own shards)."""
     from safetensors.torch import load_file
 
     state = load_file(str(folder / "lmforge_state" / "trainable.safetensors"))
@@ -277,6 +280,11 @@ def _load_weights(model, folder: Path) -> None:
     if missing:
         raise LmforgeError(f"{folder}: checkpoint does not fit this model (e.g. {missing[0]}); was it made with "
                            f"another --model or --lora setting?")
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
     with torch.no_grad():
         for n, t in state.items():
             params[n].copy_(t)
@@ -293,7 +301,8 @@ def run(cfg: FinetuneConfig) -> dict:
     from lmforge.tokenizer.bpe import load_tokenizer
     from lmforge.train import checkpoint as ckpt
     from lmforge.train.common import (MetricsLog, StopOnSignal, autocast, build_optimizer, format_duration,
-                                      resolve_precision, setup_runtime, write_atomic)
+                                      full_state, load_optimizer_state, resolve_precision, setup_runtime,
+                                      shard_model, write_atomic)
 
     for name in ("task", "model", "train", "out"):
         if not getattr(cfg, name):
@@ -332,8 +341,16 @@ def run(cfg: FinetuneConfig) -> dict:
         if cfg.lora:
             model.enable_input_require_grads()
     model.to(rt.device)
+    sharded = cfg.fsdp and rt.distributed
+    if cfg.fsdp and not rt.distributed:
+        print("--fsdp: one process has nothing to shard with; training unsharded (start it with torchrun)", flush=True)
+    if resume_from is not None:
+        _load_weights(model, resume_from)  # before sharding: the file holds whole tensors
+    if sharded:
+        # The transformers model is the root even under LoRA: generate() runs its forward, not PEFT's wrapper's.
+        shard_model(hf_model)
     train_model = model
-    if rt.distributed:  # gradients averaged across processes; the wrapped module stays `model`
+    if rt.distributed and not sharded:  # gradients averaged across processes; the wrapped module stays `model`
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     n_total = sum(p.numel() for p in model.parameters())
@@ -380,11 +397,10 @@ def run(cfg: FinetuneConfig) -> dict:
     history: list[dict] = []
     if resume_from is not None:
         state = ckpt.load_trainer_state(resume_from)
-        _load_weights(model, resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"], sharded)
         plan["max_steps"] = state["max_steps"]
         scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
+        ckpt.set_rng_state(state["rng"], rt.rank)
         step, best, history = state["step"], state["best"], state["history"]
         window = list(state["loss_window"])
         log.truncate_after(step)
@@ -395,7 +411,8 @@ def run(cfg: FinetuneConfig) -> dict:
     print(f"task {cfg.task} | model {path.name if path.name != 'model' else path} | "
           f"{n_total / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trained{' (LoRA)' if cfg.lora else ''} | "
           f"{len(feats):,} training features, batch {batch_size}x{cfg.grad_accum} | {plan['max_steps']} steps | "
-          f"lr {lr:g} | precision {precision}, {kernel} attention | device {rt.device}", flush=True)
+          f"lr {lr:g} | precision {precision}, {kernel} attention | device {rt.device}"
+          + (f" | world {rt.world_size}{' (FSDP)' if sharded else ''}" if rt.distributed else ""), flush=True)
     print("data: " + ", ".join(f"{k} {len(v):,} ({v.source})" for k, v in {"train": train, **others}.items()),
           flush=True)
 
@@ -414,18 +431,42 @@ def run(cfg: FinetuneConfig) -> dict:
                             "chrf", "loss", "perplexity") if k in metrics]
         return " | ".join(f"{k} {metrics[k]:.4f}" for k in keys)
 
-    def save(step: int) -> Path:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
-                 "step": step, "max_steps": plan["max_steps"], "best": best, "history": history,
+    whole = {}  # sharded: rank 0's unsharded CPU copy of the model, which checkpoints and DIR/final are written from
+
+    def unsharded(model_state: dict | None = None):
+        """`model` itself, or (sharded) the copy on rank 0 with every rank's shards gathered into it (or with
+        `model_state`, gathered already). Every rank must call it; other ranks get None."""
+        if not sharded:
+            return model
+        if model_state is None:
+            model_state = full_state(model)[0]
+        if not rt.is_main:
+            return None
+        if "model" not in whole:
+            with torch.random.fork_rng(devices=[]):  # a new head's random init must not move training's RNG
+                copy = task.load_model(path)
+                whole["model"] = _wrap_lora(cfg, copy, task) if cfg.lora else copy
+        whole["model"].load_state_dict(model_state)
+        return whole["model"]
+
+    def save(step: int) -> Path | None:
+        """A checkpoint (rank 0 writes; sharded, every rank must call it)."""
+        rngs = rt.all_ranks(ckpt.rng_state())  # each rank's own dropout stream resumes where it was
+        model_state, optim_state = full_state(model, optimizer) if sharded else (None, None)
+        source = unsharded(model_state)
+        if not rt.is_main:
+            return None
+        state = {"optimizer": optim_state if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": rngs, "step": step, "max_steps": plan["max_steps"], "best": best, "history": history,
                  "loss_window": list(window),
                  "data_position": {"epoch": step * cfg.grad_accum // batches_per_epoch,
                                    "batch": step * cfg.grad_accum % batches_per_epoch, "seed": cfg.seed}}
         from safetensors.torch import save_file
 
         def write(folder: Path):
-            _save_model(model, tokenizer, folder, merge=False, extras=extras)
+            _save_model(source, tokenizer, folder, merge=False, extras=extras)
             (folder / "lmforge_state").mkdir(exist_ok=True)
-            save_file({n: t.contiguous().cpu() for n, t in _trainable_state(model).items()},
+            save_file({n: t.contiguous().cpu() for n, t in _trainable_state(source).items()},
                       str(folder / "lmforge_state" / "trainable.safetensors"))
         protect = (best["checkpoint"],) if best["checkpoint"] else ()
         return ckpt.save_checkpoint(out, step, write, state, config_yaml, keep=1, protect=protect)
@@ -516,8 +557,7 @@ def run(cfg: FinetuneConfig) -> dict:
                         print(f"  sample: {str(p.get('generated', ''))[:200]!r}", flush=True)
                     if improved:
                         best.update(value=value, step=step, checkpoint=f"step-{step:06d}")
-                    if rt.is_main:
-                        save(step)
+                    save(step)
                     eval_seconds.append(time.time() - t_eval)
                     t0 += eval_seconds[-1]  # evaluation time is not training throughput
                 signalled = rt.agree([stop.requested])[0]  # Ctrl-C/SIGTERM on any rank stops them all at this step
@@ -533,7 +573,7 @@ def run(cfg: FinetuneConfig) -> dict:
         bar.close()
         stop.restore()
     if stopped:
-        path = save(step) if rt.is_main else None
+        path = save(step)
         print(f"stopped at step {step}; checkpoint {path}. Continue with: lmforge finetune --out {out} --resume",
               flush=True)
         return {"stopped_at": step, "checkpoint": str(path)}
@@ -541,7 +581,7 @@ def run(cfg: FinetuneConfig) -> dict:
 
     # ---- best model -> DIR/final, metrics, predictions ---------------------------------------------------------
     if best["checkpoint"] and (out / "checkpoints" / best["checkpoint"]).exists():
-        _load_weights(model, out / "checkpoints" / best["checkpoint"])
+        _load_weights(model, out / "checkpoints" / best["checkpoint"], sharded)
     model.eval()
     results = {"task": cfg.task, "model": str(path), "lora": cfg.lora, "steps": step,
                "epochs": round(step / steps_per_epoch, 3), "best_step": best["step"],
@@ -558,9 +598,10 @@ def run(cfg: FinetuneConfig) -> dict:
             results[split] = res.metrics
             pred_rows = res.predictions  # test wins when there is one
             print(f"{split}: {short(res.metrics)}", flush=True)
+    source = unsharded()
     if rt.is_main:
         final = out / "final"
-        ckpt.write_folder_atomic(final, lambda f: _save_model(model, tokenizer, f, merge=not cfg.save_adapter,
+        ckpt.write_folder_atomic(final, lambda f: _save_model(source, tokenizer, f, merge=not cfg.save_adapter,
                                                                  extras=extras))
         write_atomic(out / "predictions.jsonl",
                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pred_rows))

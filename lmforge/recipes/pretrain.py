@@ -228,7 +228,7 @@ def run(cfg: PretrainConfig) -> dict:
     if resume_from is not None:
         load_optimizer_state(model, optimizer, saved["optimizer"], sharded)
         scheduler.load_state_dict(saved["scheduler"])
-        ckpt.set_rng_state(saved["rng"])
+        ckpt.set_rng_state(saved["rng"], rt.rank)
     eval_interval = cfg.eval_interval or max(1, math.ceil(max_steps / 10))
     save_interval = cfg.save_interval or eval_interval
     resolved = dict(C.to_dict(cfg), max_steps=max_steps, lr=lr, warmup_steps=warmup, context=context,
@@ -274,10 +274,11 @@ def run(cfg: PretrainConfig) -> dict:
     def save(step: int) -> Path | None:
         # Sharded, every rank hands its shards to rank 0, which writes the same files as an unsharded run.
         model_state, optim_state = full_state(model, optimizer) if sharded else (None, None)
+        rngs = rt.all_ranks(ckpt.rng_state())
         if not rt.is_main:
             return None
         state = {"optimizer": optim_state if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": ckpt.rng_state(), "step": step, "max_steps": max_steps,
+                 "rng": rngs, "step": step, "max_steps": max_steps,
                  "data_position": {"step": step, "seed": cfg.seed}}
         def write(folder: Path):
             model.save_hf(folder, model_state)

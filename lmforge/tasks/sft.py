@@ -20,6 +20,7 @@ from lmforge.errors import LmforgeError
 from lmforge.evaluate.metrics import perplexity
 from lmforge.tasks.base import EvalResult, Task, pad_batch
 from lmforge.tokenizer.bpe import DEFAULT_CHAT_TEMPLATE
+from lmforge.train.common import sharded_generation
 
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 EVAL_TOKENS_PER_BATCH = 32_768  # padded tokens per loss batch: bounds the (B, T, vocab) logits
@@ -279,8 +280,8 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], end_ids: list[int
         T = max(len(prompts[i]) for i in idx)
         ids = torch.tensor([[pad] * (T - len(prompts[i])) + list(prompts[i]) for i in idx], device=device)
         mask = torch.tensor([[0] * (T - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=device)
-        with ctx():
-            gen = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        with ctx(), sharded_generation(model) as synced:
+            gen = model.generate(input_ids=ids, attention_mask=mask, synced_gpus=synced, **kw)
         for row, i in zip(gen[:, T:].tolist(), idx):
             new = []
             for t in row:

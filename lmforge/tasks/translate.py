@@ -23,6 +23,7 @@ from lmforge.evaluate.task_metrics import translation_metrics
 from lmforge.tasks.base import EvalResult, Task, pad_batch
 from lmforge.tasks.sft import (_dtype_kw, configure_generation, encode_conversation, encode_text, end_token_ids,
                                generate_batch, load_causal, render, setup_chat)
+from lmforge.train.common import sharded_generation
 
 LANGUAGES = {
     "ar": "Arabic", "bg": "Bulgarian", "bn": "Bengali", "ca": "Catalan", "cs": "Czech", "da": "Danish",
@@ -184,8 +185,8 @@ def generate_translations(model, prompter: Prompter, sources: list[str], num_bea
         idx = order[s:s + batch_size]
         batch = {k: v.to(device) for k, v in pad_batch([feats[i] for i in idx],
                                                        {"input_ids": pad, "attention_mask": 0}, 1).items()}
-        with ctx():
-            gen = model.generate(**batch, **gen_kw)
+        with ctx(), sharded_generation(model) as synced:
+            gen = model.generate(**batch, **gen_kw, synced_gpus=synced)
         for i, text in zip(idx, tok.batch_decode(gen, skip_special_tokens=True)):
             out[i] = prompter.clean(text)
     return out

@@ -32,7 +32,11 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict | list[dict], rank: int = 0) -> None:
+    """`state`: one rng_state(), or a list of them, one per rank of a torchrun job (each rank draws its own
+    dropout masks); a rank the run did not have takes rank 0's."""
+    if isinstance(state, list):
+        state = state[rank] if rank < len(state) else state[0]
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -46,6 +46,15 @@ class Runtime:
         return t.tolist()
 
 
+    def all_ranks(self, obj) -> list:
+        """Every rank's `obj` (picklable), in rank order, on every rank; [obj] in a single process."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+
 class StopOnSignal:
     """Ctrl-C or SIGTERM (a preempted job) sets `requested`: the loop finishes its step, saves a checkpoint and
     says how to resume. A second Ctrl-C aborts at once. `install()` before the loop, `restore()` in its finally."""
@@ -124,10 +133,12 @@ def autocast(precision: str, device: torch.device):
 
 # ---- sharding across ranks (FSDP) ------------------------------------------------------------------------
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | list:
-    """The model's stack of transformer blocks: its longest ModuleList (LlamaLM.layers, HF's model.layers)."""
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's transformer blocks: the members of its longest ModuleLists (LlamaLM.layers, HF's model.layers
+    or encoder.layer; a seq2seq model's encoder and decoder stacks)."""
     stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    return max(stacks, key=len) if stacks else []
+    longest = max((len(m) for m in stacks), default=0)
+    return [block for m in stacks if len(m) == longest for block in m]
 
 
 def shard_model(model: torch.nn.Module) -> None:
@@ -141,9 +152,29 @@ def shard_model(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for p in {id(p): p for p in model.parameters()}.values():  # tied weights once
             torch.distributed.broadcast(p.data, 0)
-    for layer in decoder_layers(model):
-        fully_shard(layer)
+    for block in transformer_blocks(model):
+        fully_shard(block)
     fully_shard(model)
+
+
+@contextlib.contextmanager
+def sharded_generation(model: torch.nn.Module):
+    """Around generate(); yields its `synced_gpus`. Sharded by FSDP, every rank must run each forward in step
+    (synced_gpus keeps a rank whose sequences ended stepping with the others), and generate() calls parts of the
+    model outside its forward (a seq2seq encoder, the embeddings), where FSDP's hooks would not gather their
+    parameters: the root's stay gathered meanwhile."""
+    from torch.distributed.fsdp import FSDPModule
+
+    root = next((m for m in model.modules() if isinstance(m, FSDPModule)), None) \
+        if torch.distributed.is_initialized() else None
+    if root is None:
+        yield False
+        return
+    root.unshard()
+    try:
+        yield True
+    finally:
+        root.reshard()
 
 
 def full_state(model: torch.nn.Module, optimizer=None) -> tuple[dict, dict | None]:
