@@ -241,6 +241,10 @@ def test_fsdp_matches_ddp_resumes_and_generates(tiny_bert, sentiment, tiny_t5, t
     res = torchrun(*args, "--out", tmp_path / "fsdp", "--fsdp", "--stop-after-steps", "4")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "world 2 (FSDP)" in res.stdout and "stopped at step 4" in res.stdout
+    assert "Continue with: torchrun --nproc-per-node 2 -m lmforge finetune" in res.stdout
+    # a step is world x batch examples: one process cannot continue a two-process run exactly, so it refuses
+    assert_user_error(cli("finetune", "--out", tmp_path / "fsdp", "--resume"), "trained by 2 process(es)",
+                      "--nproc-per-node 2")
     res = torchrun("finetune", "--out", tmp_path / "fsdp", "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
     same(tmp_path / "ddp", tmp_path / "fsdp")

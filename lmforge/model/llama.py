@@ -268,7 +268,8 @@ class LlamaLM(nn.Module):
             b, p = f"layers.{i}.", f"model.layers.{i}."
             q, k, v = w[b + "attn.qkv.weight"].split(sizes)
             if c.qkv_bias:
-                sd.update({p + f"self_attn.{n}_proj.bias": t for n, t in zip("qkv", w[b + "attn.qkv.bias"].split(sizes))})
+                biases = w[b + "attn.qkv.bias"].split(sizes)
+                sd.update({p + f"self_attn.{n}_proj.bias": t for n, t in zip("qkv", biases)})
             gate, up = w[b + "mlp.gate_up.weight"].chunk(2)
             sd.update({
                 p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,

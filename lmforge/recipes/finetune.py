@@ -397,6 +397,10 @@ def run(cfg: FinetuneConfig) -> dict:
     history: list[dict] = []
     if resume_from is not None:
         state = ckpt.load_trainer_state(resume_from)
+        world = state.get("world_size", rt.world_size)
+        if world != rt.world_size:  # a step is world x batch examples, and each rank has its slice of every epoch
+            raise LmforgeError(f"--resume: {resume_from} was trained by {world} process(es); it continues exactly "
+                               f"only with as many (this is {rt.world_size}): torchrun --nproc-per-node {world} ...")
         load_optimizer_state(model, optimizer, state["optimizer"], sharded)
         plan["max_steps"] = state["max_steps"]
         scheduler.load_state_dict(state["scheduler"])
@@ -457,7 +461,8 @@ def run(cfg: FinetuneConfig) -> dict:
         if not rt.is_main:
             return None
         state = {"optimizer": optim_state if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rngs, "step": step, "max_steps": plan["max_steps"], "best": best, "history": history,
+                 "rng": rngs, "step": step, "max_steps": plan["max_steps"], "world_size": rt.world_size,
+                 "best": best, "history": history,
                  "loss_window": list(window),
                  "data_position": {"epoch": step * cfg.grad_accum // batches_per_epoch,
                                    "batch": step * cfg.grad_accum % batches_per_epoch, "seed": cfg.seed}}
@@ -574,7 +579,8 @@ def run(cfg: FinetuneConfig) -> dict:
         stop.restore()
     if stopped:
         path = save(step)
-        print(f"stopped at step {step}; checkpoint {path}. Continue with: lmforge finetune --out {out} --resume",
+        print(f"stopped at step {step}; checkpoint {path}. "
+              f"Continue with: {rt.command('finetune')} --out {out} --resume",
               flush=True)
         return {"stopped_at": step, "checkpoint": str(path)}
     train_seconds = time.time() - t0

@@ -180,7 +180,8 @@ def run(cfg: PretrainConfig) -> dict:
     optimizer = build_optimizer(model, lr, cfg.weight_decay, device=rt.device)
     train_model = model
     if rt.distributed and not sharded:
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and compile_pays_off(cfg, rt.device))
     if use_compile:
         train_model = torch.compile(train_model)
@@ -214,6 +215,10 @@ def run(cfg: PretrainConfig) -> dict:
         saved = ckpt.load_trainer_state(resume_from)
         start_step = saved["step"]
         max_steps = saved["max_steps"]
+        world = saved.get("world_size", rt.world_size)
+        if world != rt.world_size:  # the schedule is in steps; a step's tokens scale with the processes
+            print(f"note: the run was trained by {world} process(es), this is {rt.world_size}: each remaining step "
+                  f"sees {rt.world_size}/{world} of the tokens a step saw before", flush=True)
     elif not max_steps and cfg.max_minutes > 0:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)  # constant LR for the probe
         per_step = measure_step_seconds(train_step, model, optimizer)
@@ -278,7 +283,7 @@ def run(cfg: PretrainConfig) -> dict:
         if not rt.is_main:
             return None
         state = {"optimizer": optim_state if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rngs, "step": step, "max_steps": max_steps,
+                 "rng": rngs, "step": step, "max_steps": max_steps, "world_size": rt.world_size,
                  "data_position": {"step": step, "seed": cfg.seed}}
         def write(folder: Path):
             model.save_hf(folder, model_state)
@@ -345,7 +350,8 @@ def run(cfg: PretrainConfig) -> dict:
     train_seconds = time.time() - t_start
     if stopped_early:
         path = save(step)
-        print(f"stopped at step {step}; checkpoint {path}. Continue with: lmforge pretrain --out {out} --resume",
+        print(f"stopped at step {step}; checkpoint {path}. "
+              f"Continue with: {rt.command('pretrain')} --out {out} --resume",
               flush=True)
         return {"stopped_at": step, "checkpoint": str(path)}
 
