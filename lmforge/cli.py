@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         base = getattr(module, "base_config", lambda a: {})(args)
         cfg = C.resolve(cls, args, base)
         result = module.run(cfg)
+        _leave_process_group()
     except LmforgeError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)
         return 2
@@ -106,6 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         print("\nlmforge: interrupted", file=sys.stderr)
         return 130
     return int(result) if isinstance(result, int) else 0
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, after a verb succeeds: wait for every rank, then close the process group, so no rank exits
+    while another still talks to it (gloo aborts a process whose peer hung up mid-exchange)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def ensure_tcmalloc(command: list[str] | None = None) -> None:

@@ -253,7 +253,8 @@ def test_fsdp_matches_ddp_resumes_and_generates(tiny_bert, sentiment, tiny_t5, t
     model_dir, data = tiny_t5
     args = ("finetune", "--task", "translate", "--model", model_dir, "--train", data, "--validation", data,
             "--max-steps", "4", "--batch-size", "4", "--max-new-tokens", "6", "--precision", "fp32", "--no-progress")
-    assert torchrun(*args, "--out", tmp_path / "t5-ddp").returncode == 0
+    res = torchrun(*args, "--out", tmp_path / "t5-ddp")
+    assert res.returncode == 0, res.stderr[-6000:]
     res = torchrun(*args, "--out", tmp_path / "t5-fsdp", "--fsdp")
     assert res.returncode == 0, res.stderr[-3000:]
     same(tmp_path / "t5-ddp", tmp_path / "t5-fsdp")
