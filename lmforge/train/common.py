@@ -45,10 +45,10 @@ class Runtime:
         torch.distributed.all_reduce(t, op=reduce.MAX if op == "max" else reduce.MIN)
         return t.tolist()
 
-
     def command(self, verb: str) -> str:
         """How to run `lmforge VERB` the way this process was started (for resume hints)."""
-        return f"torchrun --nproc-per-node {self.world_size} -m lmforge {verb}" if self.distributed else f"lmforge {verb}"
+        return f"torchrun --nproc-per-node {self.world_size} -m lmforge {verb}" if self.distributed \
+            else f"lmforge {verb}"
 
     def all_ranks(self, obj) -> list:
         """Every rank's `obj` (picklable), in rank order, on every rank; [obj] in a single process."""
