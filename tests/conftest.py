@@ -68,11 +68,15 @@ def cli_subprocess(*args, timeout: float = 120) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env=dict(os.environ))
 
 
-def torchrun(*args, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node N -m lmforge ARGS`: N CPU processes over gloo."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                           str(nproc), "-m", "lmforge", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def torchrun(*args, nproc: int = 2, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N -m lmforge ARGS`: N CPU processes over gloo. With `check`, a
+    failed run fails the test showing both outputs (and, if a worker crashed, its Python stacks)."""
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                          str(nproc), "-m", "lmforge", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                         timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})
+    assert not check or res.returncode == 0, f"torchrun {' '.join(map(str, args))}: exit {res.returncode}\n" \
+        f"--- stdout ---\n{res.stdout[-3000:]}\n--- stderr ---\n{res.stderr[-6000:]}"
+    return res
 
 
 def cli_signalled(*args, out_dir: Path, sig: int, timeout: float = 180) -> subprocess.CompletedProcess:

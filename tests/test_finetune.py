@@ -213,7 +213,6 @@ def test_two_processes_with_torchrun_and_max_minutes(tiny_bert, sentiment, tmp_p
     out = tmp_path / "ddp"
     res = torchrun("finetune", "--task", "classify", "--model", tiny_bert, "--train", train, "--validation", val,
                    "--out", out, "--max-minutes", "0.15", "--batch-size", "2", "--no-progress")
-    assert res.returncode == 0, res.stderr[-3000:]
     assert "--max-minutes 0.15: about" in res.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] >= 13 and (out / "final" / "config.json").is_file()
@@ -237,26 +236,22 @@ def test_fsdp_matches_ddp_resumes_and_generates(tiny_bert, sentiment, tiny_t5, t
     train, val = sentiment
     args = ("finetune", "--task", "classify", "--model", tiny_bert, "--train", train, "--validation", val, "--lora",
             "--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--precision", "fp32", "--no-progress")
-    assert torchrun(*args, "--out", tmp_path / "ddp").returncode == 0
+    torchrun(*args, "--out", tmp_path / "ddp")
     res = torchrun(*args, "--out", tmp_path / "fsdp", "--fsdp", "--stop-after-steps", "4")
-    assert res.returncode == 0, res.stderr[-3000:]
     assert "world 2 (FSDP)" in res.stdout and "stopped at step 4" in res.stdout
     assert "Continue with: torchrun --nproc-per-node 2 -m lmforge finetune" in res.stdout
     # a step is world x batch examples: one process cannot continue a two-process run exactly, so it refuses
     assert_user_error(cli("finetune", "--out", tmp_path / "fsdp", "--resume"), "trained by 2 process(es)",
                       "--nproc-per-node 2")
-    res = torchrun("finetune", "--out", tmp_path / "fsdp", "--resume")
-    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun("finetune", "--out", tmp_path / "fsdp", "--resume")
     same(tmp_path / "ddp", tmp_path / "fsdp")
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "fsdp" / "final")  # merged, not an adapter
 
     model_dir, data = tiny_t5
     args = ("finetune", "--task", "translate", "--model", model_dir, "--train", data, "--validation", data,
             "--max-steps", "4", "--batch-size", "4", "--max-new-tokens", "6", "--precision", "fp32", "--no-progress")
-    res = torchrun(*args, "--out", tmp_path / "t5-ddp")
-    assert res.returncode == 0, res.stderr[-6000:]
-    res = torchrun(*args, "--out", tmp_path / "t5-fsdp", "--fsdp")
-    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun(*args, "--out", tmp_path / "t5-ddp")
+    torchrun(*args, "--out", tmp_path / "t5-fsdp", "--fsdp")
     same(tmp_path / "t5-ddp", tmp_path / "t5-fsdp")
 
 

@@ -158,8 +158,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, tiny_run):
 
 def test_two_processes_with_torchrun(tmp_path, tiny_run):
     out = tmp_path / "ddp"
-    res = torchrun(*fast_args(tiny_run, out, "--max-steps", "6", "--eval-interval", "3"))
-    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun(*fast_args(tiny_run, out, "--max-steps", "6", "--eval-interval", "3"))
     assert (out / "final" / "model.safetensors").is_file()
     assert [r["step"] for r in metrics_rows(out) if "val_loss" in r] == [0, 3, 6]  # rank 0 alone writes the log
 
@@ -172,18 +171,15 @@ def test_fsdp_matches_ddp_and_resumes_either_way(tmp_path, tiny_run):
 
     args = ("--max-steps", "6", "--eval-interval", "3", "--precision", "fp32")
     ddp = tmp_path / "ddp"
-    assert torchrun(*fast_args(tiny_run, ddp, *args)).returncode == 0
+    torchrun(*fast_args(tiny_run, ddp, *args))
     fsdp = tmp_path / "fsdp"
     res = torchrun(*fast_args(tiny_run, fsdp, *args, "--fsdp", "--stop-after-steps", "3"))
-    assert res.returncode == 0, res.stderr[-3000:]
     assert "world 2 (FSDP)" in res.stdout and "stopped at step 3" in res.stdout
     AutoModelForCausalLM.from_pretrained(fsdp / "checkpoints" / "step-000003")  # gathered, not shards
-    res = torchrun("pretrain", "--out", fsdp, "--resume")
-    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun("pretrain", "--out", fsdp, "--resume")
     switched = tmp_path / "switched"  # started under DDP, finished sharded
-    assert torchrun(*fast_args(tiny_run, switched, *args, "--stop-after-steps", "3")).returncode == 0
-    res = torchrun("pretrain", "--out", switched, "--resume", "--fsdp")
-    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun(*fast_args(tiny_run, switched, *args, "--stop-after-steps", "3"))
+    torchrun("pretrain", "--out", switched, "--resume", "--fsdp")
 
     want = [r["val_loss"] for r in metrics_rows(ddp) if "val_loss" in r]
     ref = load_file(ddp / "final" / "model.safetensors")
