@@ -282,6 +282,34 @@ def test_builtin_names_and_splits():
     assert {r["label"] for r in got.rows} == {0, 1}
 
 
+def test_builtin_chat_set_is_reproducible_and_split_by_source_split():
+    """lmforge_chat is made from the other built-in sets, split for split: no test sentence is a training chat,
+    and its generator rebuilds the committed files byte for byte."""
+    import subprocess
+    import sys
+
+    assert BUILTIN_SETS["lmforge_chat"] == "sft"
+    seen = {}
+    for split in ("train", "validation", "test"):
+        got = load_examples(f"lmforge_chat:{split}", "sft")
+        assert got.fields["messages"] == "messages" and len(got) > 100
+        raw = [json.loads(line) for line in gzip.open(resolve_data(f"lmforge_chat:{split}")[0], "rt",
+                                                      encoding="utf-8")]
+        for r in raw:
+            assert [m["role"] for m in r["messages"] if m["role"] != "system"][-1] == "assistant"
+            assert len(r["tasks"]) == len(r["sources"]) == sum(m["role"] == "assistant" for m in r["messages"])
+            for s in r["sources"]:
+                assert s.split(":")[1] == split
+                seen.setdefault(s.rsplit(":", 2)[0] + ":" + s.rsplit(":", 1)[1], set()).add(split)
+        kinds = {k for r in raw for k in r["tasks"]}
+        assert kinds == {"sentiment_en", "sentiment_zh", "translate_en_es", "translate_es_en", "qa",
+                         "qa_unanswerable"}
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, str(root / "scripts" / "make_chat_set.py"), "--check"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and "up to date" in res.stdout, res.stdout + res.stderr
+
+
 def test_builtin_errors(tmp_path):
     with pytest.raises(LmforgeError, match="did you mean 'rotten_tomatoes'"):
         resolve_data("roten_tomatoes:test")

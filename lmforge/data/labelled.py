@@ -32,7 +32,7 @@ from lmforge.data.corpus import BUILTIN_DIR, decode_utf8, read_bytes
 from lmforge.errors import LmforgeError, closest
 
 BUILTIN_SETS = {"rotten_tomatoes": "classify", "chinese_reviews": "classify", "bible_en_es": "translate",
-                "lmforge_qa": "qa"}
+                "lmforge_qa": "qa", "lmforge_chat": "sft"}
 SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation", "eval": "validation"}
 TASKS = ("classify", "qa", "sft", "translate")
