@@ -318,6 +318,23 @@ def test_sft_end_to_end(tiny_run, tmp_path):
     assert "reply" in json.loads(pred.out)
 
 
+def test_sft_on_the_builtin_chat_set(tiny_run, tmp_path):
+    """The README's sft line on the built-in chats: validation and test metrics, samples, and predict on it."""
+    out = tmp_path / "chat"
+    res = cli("finetune", "--task", "sft", "--model", tiny_run.final, "--train", "lmforge_chat", "--out", out,
+              "--max-steps", "2", "--batch-size", "4", "--max-length", "96", "--max-eval-examples", "16",
+              "--no-progress", "--max-new-tokens", "4")
+    assert res.code == 0, res.err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["validation"]["n"] <= 16 and m["test"]["perplexity"] > 1
+    assert m["zero_shot_validation"]["n"] == m["validation"]["n"]  # the perplexity before fine-tuning too
+    assert "lmforge_chat:validation" in res.out and "lmforge_chat:test" in res.out
+    pred = cli("predict", "--model", out, "--input", "lmforge_chat:test", "--max-new-tokens", "3")
+    assert pred.code == 0, pred.err
+    rows = [json.loads(line) for line in pred.out.splitlines()]
+    assert len(rows) > 300 and all("reply" in r for r in rows)
+
+
 @pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory) -> tuple[Path, Path]:
     """A random 2-layer T5 with a BPE tokenizer, and 16 en/es pairs."""

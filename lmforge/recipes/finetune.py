@@ -2,7 +2,7 @@
 
     lmforge finetune --task classify --model minilm-l6 --train rotten_tomatoes --out runs/rt
     lmforge finetune --task qa --model minilm-l6 --train lmforge_qa --out runs/qa
-    lmforge finetune --task sft --model smollm2-135m --train chats.jsonl --out runs/chat --lora
+    lmforge finetune --task sft --model smollm2-135m --train lmforge_chat --out runs/chat --lora
     lmforge finetune --task translate --model smollm2-135m --train bible_en_es --out runs/en-es --lora
 
 Without --validation a seeded slice of train is held out (built-in sets use their own validation split).
@@ -31,7 +31,7 @@ class FinetuneConfig:
     task: str = opt("", "what to fine-tune for", choices=TASK_NAMES)
     model: str = opt("", "pretrained model: folder, lmforge output folder, alias (minilm-l6, smollm2-135m) or hub id")
     train: str = opt("", "training data: .jsonl/.json/.csv/.tsv/.parquet, or built-in (rotten_tomatoes, "
-                         "chinese_reviews, bible_en_es, lmforge_qa)")
+                         "chinese_reviews, bible_en_es, lmforge_qa, lmforge_chat)")
     validation: str | None = opt(None, "validation data (default: the built-in set's, or a held-out slice of train)")
     test: str | None = opt(None, "test data (default: the built-in set's test split)")
     out: str = opt("", "output folder")
@@ -477,7 +477,7 @@ def run(cfg: FinetuneConfig) -> dict:
         return ckpt.save_checkpoint(out, step, write, state, config_yaml, keep=1, protect=protect)
 
     zero_shot = None
-    if step == 0 and cfg.task == "translate":  # the baseline fine-tuning has to beat
+    if step == 0 and cfg.task in ("translate", "sft"):  # the baseline fine-tuning has to beat (BLEU, perplexity)
         zero_shot = evaluate("validation").metrics
         print(f"zero-shot validation: {short(zero_shot)}", flush=True)
         log.log(step=0, **{f"val_{k}": v for k, v in zero_shot.items() if isinstance(v, (int, float))})
