@@ -10,7 +10,7 @@ import torch
 
 from lmforge.data.labelled import Loaded, load_examples
 from lmforge.recipes.finetune import FinetuneConfig
-from lmforge.tasks.sft import SFTTask, encode_conversation, generate_reply
+from lmforge.tasks.sft import SFTTask, encode_conversation, generate_replies
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Hello world, how are you today? I am fine, thanks.\n"
         "What is the capital of France? Paris is the capital. Two plus two is four. Blue is a color.\n"
@@ -217,7 +217,12 @@ def test_fine_tuned_model_stops_and_evaluates(tok_dir, tmp_path):
     new = out[0, enc["input_ids"].shape[1]:].tolist()
     assert len(new) < 40 and new[-1] == end_id  # stopped on its own, by the generation config alone
     assert tok.decode(new, skip_special_tokens=True) == response
-    assert generate_reply(model, tok, [{"role": "user", "content": prompt}], max_new_tokens=40) == response
+    assert generate_replies(model, tok, [[{"role": "user", "content": prompt}]], max_new_tokens=40) == [response]
+    # batched, prompts of different lengths left-padded together: the same replies as one at a time
+    chats = [[{"role": "user", "content": p}] for p, _ in PAIRS]
+    one_by_one = [generate_replies(model, tok, [c], max_new_tokens=40)[0] for c in chats]
+    assert generate_replies(model, tok, chats, max_new_tokens=40, batch_size=len(chats)) == one_by_one
+    assert one_by_one[:2] == [r for _, r in PAIRS[:2]]
 
 
 def test_saved_tokenizer_keeps_template_and_eos(tmp_path):

@@ -112,13 +112,12 @@ def predict_rows(task: str, t, model, tokenizer, extras: dict, rows: list[dict],
         texts = [r.get("source", r.get("text")) for r in rows]
         return [{"source": x, "translation": y} for x, y in zip(texts, t.translate_texts(model, texts))]
     # sft: a chat turn per input
-    from lmforge.tasks.sft import generate_reply
+    from lmforge.tasks.sft import generate_replies
 
-    out = []
+    conversations = []
     for r in rows:
         messages = r.get("messages") or [{"role": "user", "content": r.get("text") or r.get("prompt")}]
-        if messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
-        reply = generate_reply(model, tokenizer, messages, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams)
-        out.append({"prompt": messages[-1]["content"], "reply": reply})
-    return out
+        conversations.append(messages[:-1] if messages[-1]["role"] == "assistant" else messages)
+    replies = generate_replies(model, tokenizer, conversations, max_new_tokens=cfg.max_new_tokens,
+                               num_beams=cfg.num_beams, batch_size=cfg.batch_size)
+    return [{"prompt": m[-1]["content"], "reply": reply} for m, reply in zip(conversations, replies)]

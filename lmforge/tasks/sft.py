@@ -292,14 +292,14 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], end_ids: list[int
     return out
 
 
-def generate_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, num_beams: int = 1,
-                   end_ids: list[int] | None = None) -> str:
-    """The model's (greedy) next assistant reply to `messages`, for `lmforge predict` and serving."""
+def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 256,
+                     num_beams: int = 1, batch_size: int = 16) -> list[str]:
+    """The model's (greedy) next assistant reply to each conversation, in batches, for `lmforge predict`."""
     model.eval()
-    end_ids = end_ids or end_token_ids(tokenizer, model, detect_end_of_turn(tokenizer))
-    ids = encode_text(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
-    new = generate_batch(model, tokenizer, [ids], end_ids, max_new_tokens, num_beams, batch_size=1)[0]
-    return tokenizer.decode(new, skip_special_tokens=True).strip()
+    end_ids = end_token_ids(tokenizer, model, detect_end_of_turn(tokenizer))
+    prompts = [encode_text(tokenizer, render(tokenizer, m, add_generation_prompt=True)) for m in conversations]
+    outs = generate_batch(model, tokenizer, prompts, end_ids, max_new_tokens, num_beams, batch_size=batch_size)
+    return [tokenizer.decode(new, skip_special_tokens=True).strip() for new in outs]
 
 
 # ------------------------------------------------------------------------------------------ the task
