@@ -149,6 +149,18 @@ def test_classify_float_scores(tmp_path):
     assert load_examples(str(path), "classify").rows[0]["label"] == 3.8
 
 
+def test_chinese_field_names_are_guessed(tmp_path):
+    """Chinese column names common in Chinese data sets are guessed like the English ones (which win)."""
+    path = write(tmp_path / "zh.csv", "评论,标签\n很好看，推荐,正面\n太无聊了,负面\n")  # full-width comma in text
+    got = load_examples(str(path), "classify")
+    assert got.fields == {"text": "评论", "label": "标签"} and got.rows[0]["text"] == "很好看，推荐"
+    both = jsonl(tmp_path / "both.jsonl", {"text": "a", "文本": "b", "label": 1})
+    assert load_examples(str(both), "classify").fields["text"] == "text"
+    qa = jsonl(tmp_path / "qa.jsonl", {"问题": "谁？", "上下文": "张三来了。", "答案": "张三"})
+    got = load_examples(str(qa), "qa")
+    assert got.fields["question"] == "问题" and got.rows[0]["answers"] == {"text": ["张三"], "answer_start": [0]}
+
+
 # ------------------------------------------------------------------------------------------- qa
 
 def test_qa_answer_shapes(tmp_path):
@@ -201,6 +213,8 @@ SFT_USER_ASSISTANT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "
     ({"input": "Hi", "output": "Hello!"}, {"prompt": "input", "response": "output"}),
     ({"instruction": "Hi", "input": "", "output": "Hello!"},
      {"prompt": "instruction", "response": "output", "input": "input"}),
+    ({"指令": "Hi", "输入": "", "输出": "Hello!"}, {"prompt": "指令", "response": "输出", "input": "输入"}),
+    ({"问题": "Hi", "回答": "Hello!"}, {"prompt": "问题", "response": "回答"}),
 ])
 def test_sft_shapes(tmp_path, obj, fields):
     got = load_examples(str(jsonl(tmp_path / "s.jsonl", obj)), "sft")

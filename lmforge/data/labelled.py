@@ -318,24 +318,28 @@ class _Role:
 
 _ROLES: dict[str, list[_Role]] = {
     "classify": [
-        _Role("text", ("text", "sentence", "content", "review", "document", "sentence1", "premise", "question"),
-              "--text-field"),
+        _Role("text", ("text", "sentence", "content", "review", "document", "sentence1", "premise", "question",
+                       "文本", "句子", "内容", "评论", "正文"), "--text-field"),
         _Role("text_pair", ("text_pair", "sentence2", "hypothesis"), "--text-pair-field", required=False),
-        _Role("label", ("label", "labels", "score", "target", "class", "sentiment"), "--label-field"),
+        _Role("label", ("label", "labels", "score", "target", "class", "sentiment", "标签", "类别", "情感", "分类"),
+              "--label-field"),
     ],
     "qa": [
         _Role("id", ("id", "qid", "question_id", "_id"), "--id-field", required=False),
-        _Role("question", ("question", "query", "q"), "--question-field"),
-        _Role("context", ("context", "passage", "paragraph", "document", "text"), "--context-field"),
-        _Role("answers", ("answers", "answer", "answer_text"), "--answers-field"),
+        _Role("question", ("question", "query", "q", "问题"), "--question-field"),
+        _Role("context", ("context", "passage", "paragraph", "document", "text", "上下文", "文章", "段落", "原文"),
+              "--context-field"),
+        _Role("answers", ("answers", "answer", "answer_text", "答案"), "--answers-field"),
         _Role("answer_start", ("answer_start", "answer_starts", "start"), "--answer-start-field", required=False),
     ],
     "sft": [
         _Role("messages", ("messages", "conversations", "conversation", "chat"), "--messages-field",
               required=False),
-        _Role("prompt", ("prompt", "instruction", "question", "query", "input"), "--prompt-field"),
-        _Role("input", ("input",), "--input-field", required=False),
-        _Role("response", ("response", "completion", "output", "answer"), "--response-field"),
+        _Role("prompt", ("prompt", "instruction", "question", "query", "input", "指令", "问题", "输入"),
+              "--prompt-field"),
+        _Role("input", ("input", "输入"), "--input-field", required=False),
+        _Role("response", ("response", "completion", "output", "answer", "回答", "输出", "回复", "答案"),
+              "--response-field"),
     ],
     "translate": [
         _Role("source", ("source", "src", "source_text"), "--source-field"),
@@ -399,7 +403,8 @@ def _resolve_fields(task: str, obj: dict, given: dict[str, str | None], loc: str
             out["response"] = response
         if given.get("input") is None:
             # Alpaca: the instruction is the prompt and an 'input' beside it is appended to it
-            extra = _find({k: v for k, v in obj.items() if k not in (out["prompt"], out["response"])}, ("input",))
+            extra = _find({k: v for k, v in obj.items() if k not in (out["prompt"], out["response"])},
+                          roles["input"].candidates)
             if extra is not None:
                 out["input"] = extra
         return out
