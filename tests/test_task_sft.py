@@ -10,6 +10,7 @@ import torch
 
 from lmforge.data.labelled import Loaded, load_examples
 from lmforge.recipes.finetune import FinetuneConfig
+from lmforge.tasks.base import pad_batch
 from lmforge.tasks.sft import SFTTask, encode_conversation, generate_replies
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Hello world, how are you today? I am fine, thanks.\n"
@@ -174,6 +175,41 @@ def _tiny_llama(tok, path):
                       pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(cfg).save_pretrained(str(path))
     return path
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_reply_loss_equals_the_models_own_with_logits_only_where_labelled(tok_dir, arch):
+    """causal_lm_loss computes the vocabulary projection only at labelled positions; its value and gradients
+    are the model's own loss's, and a model that cannot slice by a mask takes the full-logits path."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from lmforge.tasks.sft import can_mask_logits, causal_lm_loss
+
+    tok = _tokenizer(tok_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)) \
+        if arch == "llama" else GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32,
+                                                           n_layer=2, n_head=2))
+    model.config.pad_token_id = tok.pad_token_id
+    model.eval()  # no dropout: the three losses below see the same network
+    end_id = tok.convert_tokens_to_ids("<|im_end|>")
+    feats = [encode_conversation(tok, _chat(p, r)["messages"], end_id) for p, r in PAIRS]
+    batch = pad_batch(feats, {"input_ids": tok.pad_token_id, "attention_mask": 0, "labels": -100})
+    assert (batch["labels"] != -100).float().mean() < 0.7  # prompts and padding are unlabelled
+    masked = can_mask_logits(model)
+    if arch == "llama":
+        assert masked  # transformers' Llama slices by a boolean mask: the fast path is the one tested
+    grads = []
+    for loss_fn in (lambda: model(**batch).loss, lambda: causal_lm_loss(model, batch, masked),
+                    lambda: causal_lm_loss(model, batch, False)):
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        grads.append((loss.item(), model.get_input_embeddings().weight.grad.clone()))
+    for value, grad in grads[1:]:
+        assert value == pytest.approx(grads[0][0], rel=1e-5)
+        assert torch.allclose(grad, grads[0][1], atol=1e-6)
 
 
 PAIRS = [("What is the capital of France?", "Paris."), ("Tell me a joke.", "The chicken crossed the road."),

@@ -506,7 +506,7 @@ def run(cfg: FinetuneConfig) -> dict:
                 for idx in order[b0:b0 + cfg.grad_accum]:
                     batch = {k: v.to(rt.device) for k, v in task.collate([feats[i] for i in idx]).items()}
                     with amp():
-                        loss = train_model(**batch).loss / cfg.grad_accum
+                        loss = task.loss(train_model, batch) / cfg.grad_accum
                     loss.backward()
                     loss_sum += loss.item()
                     seen += len(idx) * rt.world_size

@@ -66,6 +66,11 @@ class Task:
         """Pad to the longest in the batch (dynamic padding); labels padded with -100."""
         raise NotImplementedError
 
+    # ---- training ----------------------------------------------------------------------------------------
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean training loss of one collated batch (the model's own loss unless a task knows better)."""
+        return model(**batch).loss
+
     # ---- scoring -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, model, loaded: Loaded, autocast_ctx, device, batch_size: int) -> EvalResult:

@@ -253,6 +253,44 @@ def split_for_generation(messages: list[dict]) -> tuple[list[dict], str]:
     return messages[:last], messages[last]["content"]
 
 
+# ------------------------------------------------------------------------------------------ the loss
+
+def can_mask_logits(model) -> bool:
+    """Whether `model` projects onto the vocabulary only where a boolean (B, T) `logits_to_keep` says
+    (transformers' causal LMs in recent 5.x releases); a 2-token probe."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device),
+                        logits_to_keep=torch.tensor([[True, False]], device=device))
+        return tuple(out.logits.shape[:-1]) == (1,)
+    except (TypeError, ValueError, IndexError, RuntimeError):  # no such argument, or it slices differently
+        return False
+    finally:
+        model.train(was_training)
+
+
+def causal_lm_loss(model, batch: dict[str, torch.Tensor], mask_logits: bool) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled positions, with the vocabulary projection computed only
+    there when `mask_logits` (see can_mask_logits); the same value as the model's own loss.
+
+    SFT and prompted translation label only the replies (in lmforge_chat about one token in ten), and the
+    (B, T, vocab) logits of all the other positions are a large part of a small model's step on a CPU:
+    SmolLM2-135M LoRA steps ran 1.5x faster with them skipped."""
+    labels = batch["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)  # (B, T): position t is scored on token t + 1
+    keep[:, :-1] = labels[:, 1:] != -100
+    targets = labels[:, 1:][keep[:, :-1]]  # (N,)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if mask_logits:
+        logits = model(**inputs, logits_to_keep=keep).logits  # (N, V)
+    else:
+        logits = model(**inputs).logits[keep]  # (B, T, V) -> (N, V)
+    return torch.nn.functional.cross_entropy(logits.float(), targets)
+
+
 # ------------------------------------------------------------------------------------------ generation
 
 def _generate_kwargs(tokenizer, end_ids: list[int], max_new_tokens: int, num_beams: int = 1) -> dict:
@@ -304,7 +342,8 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_
 
 # ------------------------------------------------------------------------------------------ the task
 
-def sum_token_loss(model, feats: list[dict], collate, autocast_ctx, device, batch_size: int) -> tuple[float, int]:
+def sum_token_loss(model, feats: list[dict], collate, autocast_ctx, device, batch_size: int,
+                   mask_logits: bool = False) -> tuple[float, int]:
     """(total cross-entropy in nats, number of predicted tokens) over `feats` with "labels"."""
     order = sorted(range(len(feats)), key=lambda i: len(feats[i]["input_ids"]))
     total, count = 0.0, 0
@@ -322,7 +361,7 @@ def sum_token_loss(model, feats: list[dict], collate, autocast_ctx, device, batc
         if k == 0:
             continue
         with autocast_ctx():
-            loss = model(**batch).loss
+            loss = causal_lm_loss(model, batch, mask_logits)
         total += float(loss.float()) * k
         count += k
     return total, count
@@ -343,6 +382,7 @@ class SFTTask(Task):
         super().__init__(cfg)
         self.chat: dict = {}
         self.dropped: dict[str, int] = {}  # source -> examples dropped because truncation left no reply
+        self.mask_logits = False  # set by load_model: see causal_lm_loss
 
     def fields(self):
         return {"messages": self.cfg.messages_field, "prompt": self.cfg.prompt_field,
@@ -365,7 +405,11 @@ class SFTTask(Task):
     def load_model(self, path, dtype=None):
         model = load_causal(path, dtype)
         configure_generation(model, self.tokenizer, self.end_ids(model))
+        self.mask_logits = can_mask_logits(model)
         return model
+
+    def loss(self, model, batch):
+        return causal_lm_loss(model, batch, self.mask_logits)
 
     def features(self, loaded: Loaded, train: bool) -> list[dict]:
         feats = []
@@ -391,7 +435,7 @@ class SFTTask(Task):
     @torch.no_grad()
     def evaluate(self, model, loaded: Loaded, autocast_ctx, device, batch_size: int) -> EvalResult:
         feats = self.features(loaded, train=False)
-        total, count = sum_token_loss(model, feats, self.collate, autocast_ctx, device, batch_size)
+        total, count = sum_token_loss(model, feats, self.collate, autocast_ctx, device, batch_size, self.mask_logits)
         loss = total / count if count else float("nan")
         metrics = {"loss": loss, "perplexity": perplexity(loss) if count else float("nan"), "tokens": count,
                    "n": len(feats)}

@@ -21,8 +21,8 @@ from lmforge.data.labelled import Loaded
 from lmforge.errors import LmforgeError
 from lmforge.evaluate.task_metrics import translation_metrics
 from lmforge.tasks.base import EvalResult, Task, pad_batch
-from lmforge.tasks.sft import (_dtype_kw, configure_generation, encode_conversation, encode_text, end_token_ids,
-                               generate_batch, load_causal, render, setup_chat)
+from lmforge.tasks.sft import (_dtype_kw, can_mask_logits, causal_lm_loss, configure_generation, encode_conversation,
+                               encode_text, end_token_ids, generate_batch, load_causal, render, setup_chat)
 from lmforge.train.common import sharded_generation
 
 LANGUAGES = {
@@ -245,6 +245,7 @@ class TranslateTask(Task):
         self.seq2seq: bool | None = None
         self.model_type: str | None = None
         self.prompter: Prompter | None = None
+        self.mask_logits = False  # decoder-only: set by load_model, see causal_lm_loss
         self.dropped: dict[str, int] = {}
 
     def fields(self):
@@ -332,7 +333,13 @@ class TranslateTask(Task):
         model = load_causal(path, dtype)
         self.prompter.end_ids = end_token_ids(self.tokenizer, model, self.end_of_turn)
         configure_generation(model, self.tokenizer, self.prompter.end_ids)
+        self.mask_logits = can_mask_logits(model)
         return model
+
+    def loss(self, model, batch):
+        if self.seq2seq:
+            return model(**batch).loss
+        return causal_lm_loss(model, batch, self.mask_logits)  # the prompt is unlabelled: logits for the target only
 
     # ---- data
     def _need_prompter(self) -> Prompter:
