@@ -286,6 +286,23 @@ def test_bad_rows_are_named_or_skipped(tiny_bert, tmp_path):
     assert_user_error(res, "val.jsonl:1", "never seen in training")
 
 
+def test_classify_on_a_saved_datasets_folder_uses_its_splits(tiny_bert, tmp_path):
+    import datasets
+
+    rows = {"text": POS + NEG, "label": [1] * len(POS) + [0] * len(NEG)}
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    datasets.DatasetDict({s: datasets.Dataset.from_dict(rows, features=features)
+                          for s in ("train", "validation", "test")}).save_to_disk(str(tmp_path / "ds"))
+    out = tmp_path / "run"
+    res = cli("finetune", "--task", "classify", "--model", tiny_bert, "--train", tmp_path / "ds", "--out", out,
+              "--max-steps", "2", "--batch-size", "4", "--no-progress")
+    assert res.code == 0, res.err
+    assert f"validation {len(POS) + len(NEG)} ({tmp_path / 'ds'}:validation)" in res.out
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["test"]["n"] == len(POS) + len(NEG)  # the folder's own test split
+    assert set(json.loads((out / "final" / "config.json").read_text())["id2label"].values()) == {"neg", "pos"}
+
+
 def test_qa_end_to_end(tiny_bert, tmp_path):
     out = tmp_path / "qa"
     res = cli("finetune", "--task", "qa", "--model", tiny_bert, "--train", "lmforge_qa", "--out", out,

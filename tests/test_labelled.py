@@ -324,6 +324,47 @@ def test_builtin_chat_set_is_reproducible_and_split_by_source_split():
     assert res.returncode == 0 and "up to date" in res.stdout, res.stdout + res.stderr
 
 
+@pytest.fixture
+def saved_dataset(tmp_path) -> Path:
+    """A DatasetDict (train, dev, test) with a class-label column, as datasets' save_to_disk writes it."""
+    import datasets
+
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["neg", "pos"])})
+    rows = {"sentence": ["good", "bad", "fine", "awful"], "label": [1, 0, 1, 0]}
+    dd = datasets.DatasetDict({s: datasets.Dataset.from_dict(rows, features=features) for s in ("train", "dev", "test")})
+    dd.save_to_disk(str(tmp_path / "ds"))
+    return tmp_path / "ds"
+
+
+def test_datasets_folders_are_read_with_their_splits_and_label_names(saved_dataset, tmp_path):
+    from lmforge.data.labelled import data_splits
+
+    got = load_examples(str(saved_dataset), "classify")
+    assert got.source == f"{saved_dataset}:train" and got.fields == {"text": "sentence", "label": "label"}
+    assert [r["label"] for r in got.rows] == ["pos", "neg", "pos", "neg"]  # ClassLabel names, not numbers
+    assert load_examples(f"{saved_dataset}:validation", "classify").source == f"{saved_dataset}:dev"
+    assert data_splits(str(saved_dataset)) == {"validation": f"{saved_dataset}:dev", "test": f"{saved_dataset}:test"}
+    assert data_splits("rotten_tomatoes")["test"] == "rotten_tomatoes:test" and data_splits(__file__) == {}
+    assert_has(error(f"{saved_dataset}:extra", "classify"), "no split 'extra'", "splits: train, dev, test")
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]}).save_to_disk(str(tmp_path / "one"))
+    assert len(load_examples(str(tmp_path / "one"), "classify")) == 2
+    assert_has(error(f"{tmp_path / 'one'}:test", "classify"), "a single data set without splits")
+    (tmp_path / "plain").mkdir()
+    assert_has(error(str(tmp_path / "plain"), "classify"), "is a folder, and not one written by")
+
+
+def test_hub_data_sets_fail_offline_in_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    for spec, named in (("someone/some-set", "someone/some-set:"), ("hf:imdb:test", "hf:imdb:"),
+                        ("nyu-mll/glue/sst2", "nyu-mll/glue/sst2:")):
+        assert_has(error(spec, "classify"), named, "loading it from the Hugging Face hub failed")
+    assert_has(error("data/missing.jsonl", "classify"), "no such file, and not a built-in data set")
+
+
 def test_builtin_errors(tmp_path):
     with pytest.raises(LmforgeError, match="did you mean 'rotten_tomatoes'"):
         resolve_data("roten_tomatoes:test")

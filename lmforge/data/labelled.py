@@ -59,7 +59,8 @@ def resolve_data(spec: str, split: str = "train") -> tuple[Path, str]:
     if path.is_file():
         return path, spec
     if path.is_dir():
-        raise LmforgeError(f"{spec}: is a folder; pass a data file ({', '.join(SUFFIXES)})")
+        raise LmforgeError(f"{spec}: is a folder, and not one written by datasets' save_to_disk; pass a data file "
+                           f"({', '.join(SUFFIXES)})")
     name, _, part = spec.partition(":")
     if name not in BUILTIN_SETS:
         raise LmforgeError(f"{spec}: no such file, and not a built-in data set{closest(name, BUILTIN_SETS)} "
@@ -72,6 +73,119 @@ def resolve_data(spec: str, split: str = "train") -> tuple[Path, str]:
     if not file.is_file():
         raise LmforgeError(f"{name}:{part}: built-in data set has no {part} split (missing {file})")
     return file, f"{name}:{part}"
+
+
+# `datasets` sources: a folder written by Dataset(Dict).save_to_disk, or a data set on the Hugging Face hub
+# (`owner/name`, `owner/name/config`, or any hub name as `hf:NAME`), each with an optional ':split'.
+HUB_PREFIX = "hf:"
+_SPLIT_NAMES = {"validation": ("validation", "valid", "val", "dev", "eval"), "test": ("test",), "train": ("train",)}
+
+
+@dataclass(frozen=True)
+class _DatasetSource:
+    kind: str  # "disk" or "hub"
+    where: str  # the folder, or the hub id
+    config: str | None  # hub: the configuration (subset), e.g. "sst2" of nyu-mll/glue
+    split: str | None  # as asked for after ':'
+    base: str  # the spec without its split, for naming splits and messages
+
+
+def _saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+
+
+def _dataset_source(spec: str) -> _DatasetSource | None:
+    """`spec` as a `datasets` source, or None (a data file, a built-in set, or nothing at all)."""
+    hub = spec.startswith(HUB_PREFIX)
+    name, _, split = (spec[len(HUB_PREFIX):] if hub else spec).partition(":")
+    if not hub:
+        path = Path(name).expanduser()
+        if _saved_dataset(path):
+            return _DatasetSource("disk", str(path), None, split or None, name)
+        looks_like_hub_id = (name.count("/") in (1, 2) and not name.startswith((".", "/", "~"))
+                             and not name.lower().endswith(tuple(SUFFIXES) + (".gz",)))
+        if path.exists() or name in BUILTIN_SETS or not looks_like_hub_id:
+            return None
+    parts = name.split("/")
+    where, config = ("/".join(parts[:2]), parts[2]) if len(parts) == 3 else (name, None)
+    return _DatasetSource("hub", where, config or None, split or None, (HUB_PREFIX if hub else "") + name)
+
+
+def _load_dataset(source: _DatasetSource):
+    """The Dataset or DatasetDict behind `source` (a hub data set is downloaded once and cached by `datasets`)."""
+    try:
+        import datasets
+    except ImportError:
+        raise LmforgeError(f"{source.base}: reading it needs the 'datasets' package: pip install datasets") from None
+    try:
+        if source.kind == "disk":
+            return datasets.load_from_disk(source.where)
+        return datasets.load_dataset(source.where, source.config)
+    except Exception as e:  # offline, no such data set, a config it does not have...: one line, never a traceback
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        where = ("a datasets folder" if source.kind == "disk" else
+                 "no such local file or folder, and loading it from the Hugging Face hub failed")
+        raise LmforgeError(f"{source.base}: {where} ({type(e).__name__}: {first})") from None
+
+
+def _dataset_split(source: _DatasetSource, split: str):
+    """(Dataset, name for messages) of `source`'s split (the one in the spec, else `split`)."""
+    import datasets
+
+    obj = _load_dataset(source)
+    want = source.split or split
+    if isinstance(obj, datasets.DatasetDict):
+        group = next((g for g in _SPLIT_NAMES.values() if want in g), (want,))  # 'dev' and 'validation' alike
+        names = [n for n in group if n in obj]
+        if not names:
+            raise LmforgeError(f"{source.base}: no split '{want}'{closest(want, list(obj))} "
+                               f"(splits: {', '.join(obj)})")
+        return obj[names[0]], f"{source.base}:{names[0]}"
+    if source.split and source.split != "train":
+        raise LmforgeError(f"{source.base}: a single data set without splits; drop ':{source.split}'")
+    return obj, source.base
+
+
+def _iter_dataset(ds, src: str) -> Iterator[_Record]:
+    """Rows of a `datasets.Dataset`; class-label columns give their names ("neg"/"pos"), not their numbers."""
+    import datasets
+
+    names = {col: f.names for col, f in ds.features.items() if isinstance(f, datasets.ClassLabel)}
+    for i, obj in enumerate(ds, 1):
+        for col, labels in names.items():
+            value = obj.get(col)
+            if isinstance(value, int) and 0 <= value < len(labels):
+                obj[col] = labels[value]
+        yield _Record(i, f"{src}:row {i}", obj)
+
+
+def data_splits(spec: str) -> dict[str, str]:
+    """Specs of the validation and test splits that come with `spec`'s source: a built-in set's, or those of a
+    saved or hub DatasetDict (a 'dev' split serves as validation); {} for a plain file."""
+    name = spec.partition(":")[0]
+    if name in BUILTIN_SETS and not Path(spec).expanduser().exists():
+        return {"validation": f"{name}:validation", "test": f"{name}:test"}
+    source = _dataset_source(spec)
+    if source is None:
+        return {}
+    import datasets
+
+    obj = _load_dataset(source)
+    if not isinstance(obj, datasets.DatasetDict):
+        return {}
+    return {role: f"{source.base}:{next(n for n in group if n in obj)}"
+            for role, group in _SPLIT_NAMES.items() if role != "train" and any(n in obj for n in group)}
+
+
+def _open(spec: str, split: str = "train") -> tuple[Iterator[_Record], str, bool]:
+    """(records, name for messages, whether ids count by position rather than line) of a data spec."""
+    source = _dataset_source(spec)
+    if source is not None:
+        ds, src = _dataset_split(source, split)
+        return _iter_dataset(ds, src), src, True
+    path, src = resolve_data(spec, split)
+    # minified SQuAD files put every record on line 1, so ids default to the record's position instead
+    return _iter_records(path, src), src, _format(path) in ("json", "parquet")
 
 
 def _format(path: Path) -> str:
@@ -688,10 +802,9 @@ def load_examples(spec: str, task: str, fields: dict[str, str | None] | None = N
         if name not in roles:
             raise LmforgeError(f"unknown field role '{name}' for task {task}{closest(name, roles)} "
                                f"(roles: {', '.join(roles)})")
-    path, src = resolve_data(spec, split)
-    builtin = None if Path(spec).expanduser().is_file() else spec.partition(":")[0]
-    # minified SQuAD files put every record on line 1, so ids default to the record's position instead
-    by_position = _format(path) in ("json", "parquet")
+    records, src, by_position = _open(spec, split)
+    builtin = spec.partition(":")[0] if spec.partition(":")[0] in BUILTIN_SETS and \
+        not Path(spec).expanduser().exists() else None
     if builtin and BUILTIN_SETS[builtin] != task:
         raise LmforgeError(f"{src}: a built-in {BUILTIN_SETS[builtin]} data set, not for task {task} "
                            f"(built-in {task} sets: "
@@ -702,7 +815,7 @@ def load_examples(spec: str, task: str, fields: dict[str, str | None] | None = N
     lines: list[int] = []
     skipped: list[str] = []
     seen_ids: dict[str, int] = {}
-    for rec in _iter_records(path, src):
+    for rec in records:
         try:
             if rec.error is not None:
                 raise _Bad(rec.error)
@@ -754,10 +867,10 @@ def load_texts(spec: str, field: str | None = None, guesses: tuple[str, ...] = _
     """Unlabelled inputs for prediction: each record's `field` (exactly, as explicit field names are), or without
     one the first of `guesses` it has (case-insensitively, as guessed fields are). With `chat`, a record with a
     messages field (a conversation to continue) gives {"messages": [...]} instead."""
-    path, src = resolve_data(spec)
+    records, _, _ = _open(spec)
     looked = (field,) if field else guesses
     rows = []
-    for rec in _iter_records(path, src):
+    for rec in records:
         if rec.error:
             raise LmforgeError(rec.error)
         chat_key = _find(rec.obj, _ROLES["sft"][0].candidates) if chat and not field else None
@@ -782,10 +895,10 @@ def load_texts(spec: str, field: str | None = None, guesses: tuple[str, ...] = _
 def load_questions(spec: str, question_field: str | None = None, context_field: str | None = None) -> list[dict]:
     """Unlabelled QA inputs for prediction: [{"question", "context"}] per record (no answers needed); fields as
     named, else guessed like training data's, including SQuAD's nested JSON."""
-    path, src = resolve_data(spec)
+    records, _, _ = _open(spec)
     roles = {r.name: r for r in _ROLES["qa"]}
     rows = []
-    for rec in _iter_records(path, src):
+    for rec in records:
         if rec.error:
             raise LmforgeError(rec.error)
         row = {}

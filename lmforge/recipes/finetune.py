@@ -30,10 +30,12 @@ TASK_NAMES = ["classify", "qa", "sft", "translate"]
 class FinetuneConfig:
     task: str = opt("", "what to fine-tune for", choices=TASK_NAMES)
     model: str = opt("", "pretrained model: folder, lmforge output folder, alias (minilm-l6, smollm2-135m) or hub id")
-    train: str = opt("", "training data: .jsonl/.json/.csv/.tsv/.parquet, or built-in (rotten_tomatoes, "
-                         "chinese_reviews, bible_en_es, lmforge_qa, lmforge_chat)")
-    validation: str | None = opt(None, "validation data (default: the built-in set's, or a held-out slice of train)")
-    test: str | None = opt(None, "test data (default: the built-in set's test split)")
+    train: str = opt("", "training data: .jsonl/.json/.csv/.tsv/.parquet, a datasets save_to_disk folder, a hub "
+                         "data set (owner/name[/config]), or built-in (rotten_tomatoes, chinese_reviews, "
+                         "bible_en_es, lmforge_qa, lmforge_chat)")
+    validation: str | None = opt(None, "validation data (default: the built-in set's or DatasetDict's, or a "
+                                       "held-out slice of train)")
+    test: str | None = opt(None, "test data (default: the built-in set's or DatasetDict's test split)")
     out: str = opt("", "output folder")
     # ---- how long and how fast
     epochs: float = opt(0.0, "passes over the training data (0: the task's default)", ge=0)
@@ -184,7 +186,7 @@ def _own_kernel(model, kernel: str | None):
 
 def _load_data(cfg: FinetuneConfig, task):
     """(train, {"validation": ..., "test": ...}) as Loaded sets, holding out a slice when needed."""
-    from lmforge.data.labelled import BUILTIN_SETS, Loaded, build_label_map, holdout, load_examples
+    from lmforge.data.labelled import Loaded, build_label_map, data_splits, holdout, load_examples
 
     def load(spec, split):
         data = load_examples(spec, cfg.task, task.fields(), split=split, skip_bad_rows=cfg.skip_bad_rows)
@@ -199,14 +201,13 @@ def _load_data(cfg: FinetuneConfig, task):
     def subset(data: Loaded, idx: list[int], name: str) -> Loaded:
         return Loaded([data.rows[i] for i in idx], name, [data.line_numbers[i] for i in idx], [], data.fields)
 
-    builtin = cfg.train.partition(":")[0] if cfg.train.partition(":")[0] in BUILTIN_SETS and \
-        not Path(cfg.train).exists() else None
     train = load(cfg.train, "train")
+    splits = data_splits(cfg.train)  # a built-in set's, or a datasets DatasetDict's own validation and test
     others = {}
     if cfg.validation:
         others["validation"] = load(cfg.validation, "validation")
-    elif builtin:
-        others["validation"] = load(f"{builtin}:validation", "validation")
+    elif "validation" in splits:
+        others["validation"] = load(splits["validation"], "validation")
     else:
         labels = [r.get("label") for r in train.rows] if cfg.task == "classify" else None
         if labels and build_label_map(labels)[1]:
@@ -218,8 +219,8 @@ def _load_data(cfg: FinetuneConfig, task):
         print(f"no --validation: holding out {len(va)} of {len(tr) + len(va)} training examples", flush=True)
     if cfg.test:
         others["test"] = load(cfg.test, "test")
-    elif builtin:
-        others["test"] = load(f"{builtin}:test", "test")
+    elif "test" in splits:
+        others["test"] = load(splits["test"], "test")
     if cfg.max_train_examples and len(train) > cfg.max_train_examples:
         import numpy as np
         idx = sorted(np.random.default_rng(cfg.seed).choice(len(train), cfg.max_train_examples, replace=False))
