@@ -34,7 +34,9 @@ from lmforge.errors import LmforgeError, closest
 BUILTIN_SETS = {"rotten_tomatoes": "classify", "chinese_reviews": "classify", "bible_en_es": "translate",
                 "lmforge_qa": "qa", "lmforge_chat": "sft"}
 SPLITS = ("train", "validation", "test")
-_SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation", "eval": "validation"}
+# each split and the names data sets give it ('dev' serves as validation)
+_SPLIT_NAMES = {"validation": ("validation", "valid", "val", "dev", "eval"), "test": ("test",), "train": ("train",)}
+_SPLIT_ALIASES = {alias: split for split, names in _SPLIT_NAMES.items() for alias in names if alias != split}
 TASKS = ("classify", "qa", "sft", "translate")
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
@@ -78,7 +80,6 @@ def resolve_data(spec: str, split: str = "train") -> tuple[Path, str]:
 # `datasets` sources: a folder written by Dataset(Dict).save_to_disk, or a data set on the Hugging Face hub
 # (`owner/name`, `owner/name/config`, or any hub name as `hf:NAME`), each with an optional ':split'.
 HUB_PREFIX = "hf:"
-_SPLIT_NAMES = {"validation": ("validation", "valid", "val", "dev", "eval"), "test": ("test",), "train": ("train",)}
 
 
 @dataclass(frozen=True)
