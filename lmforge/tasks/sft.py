@@ -278,7 +278,7 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], mask_logits: bool) -> 
 
     SFT and prompted translation label only the replies (in lmforge_chat about one token in ten), and the
     (B, T, vocab) logits of all the other positions are a large part of a small model's step on a CPU:
-    SmolLM2-135M LoRA steps ran 1.5x faster with them skipped."""
+    SmolLM2-135M LoRA steps ran 1.07x faster with them skipped (1.30x without tcmalloc; bench/sft_logits.py)."""
     labels = batch["labels"]
     keep = torch.zeros_like(labels, dtype=torch.bool)  # (B, T): position t is scored on token t + 1
     keep[:, :-1] = labels[:, 1:] != -100
@@ -343,7 +343,7 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_
 # ------------------------------------------------------------------------------------------ the task
 
 def sum_token_loss(model, feats: list[dict], collate, autocast_ctx, device, batch_size: int,
-                   mask_logits: bool = False) -> tuple[float, int]:
+                   mask_logits: bool) -> tuple[float, int]:
     """(total cross-entropy in nats, number of predicted tokens) over `feats` with "labels"."""
     order = sorted(range(len(feats)), key=lambda i: len(feats[i]["input_ids"]))
     total, count = 0.0, 0
