@@ -112,8 +112,12 @@ def _dataset_source(spec: str) -> _DatasetSource | None:
     return _DatasetSource("hub", where, config or None, split or None, (HUB_PREFIX if hub else "") + name)
 
 
+_HUB_LOADED: dict[tuple[str, str | None], Any] = {}  # (hub id, config) -> DatasetDict, loaded once per process
+
+
 def _load_dataset(source: _DatasetSource):
-    """The Dataset or DatasetDict behind `source` (a hub data set is downloaded once and cached by `datasets`)."""
+    """The Dataset or DatasetDict behind `source` (a hub data set is downloaded once and cached by `datasets`;
+    this process keeps it, since finetune reads its splits one by one and each load asks the hub again)."""
     try:
         import datasets
     except ImportError:
@@ -121,7 +125,10 @@ def _load_dataset(source: _DatasetSource):
     try:
         if source.kind == "disk":
             return datasets.load_from_disk(source.where)
-        return datasets.load_dataset(source.where, source.config)
+        key = (source.where, source.config)
+        if key not in _HUB_LOADED:
+            _HUB_LOADED[key] = datasets.load_dataset(source.where, source.config)
+        return _HUB_LOADED[key]
     except Exception as e:  # offline, no such data set, a config it does not have...: one line, never a traceback
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         where = ("a datasets folder" if source.kind == "disk" else
@@ -160,11 +167,17 @@ def _iter_dataset(ds, src: str) -> Iterator[_Record]:
         yield _Record(i, f"{src}:row {i}", obj)
 
 
+def _builtin_name(spec: str) -> str | None:
+    """The built-in set `spec` names ("rotten_tomatoes:test" -> "rotten_tomatoes"); None for a path."""
+    name = spec.partition(":")[0]
+    return name if name in BUILTIN_SETS and not Path(spec).expanduser().exists() else None
+
+
 def data_splits(spec: str) -> dict[str, str]:
     """Specs of the validation and test splits that come with `spec`'s source: a built-in set's, or those of a
     saved or hub DatasetDict (a 'dev' split serves as validation); {} for a plain file."""
-    name = spec.partition(":")[0]
-    if name in BUILTIN_SETS and not Path(spec).expanduser().exists():
+    name = _builtin_name(spec)
+    if name:
         return {"validation": f"{name}:validation", "test": f"{name}:test"}
     source = _dataset_source(spec)
     if source is None:
@@ -804,8 +817,7 @@ def load_examples(spec: str, task: str, fields: dict[str, str | None] | None = N
             raise LmforgeError(f"unknown field role '{name}' for task {task}{closest(name, roles)} "
                                f"(roles: {', '.join(roles)})")
     records, src, by_position = _open(spec, split)
-    builtin = spec.partition(":")[0] if spec.partition(":")[0] in BUILTIN_SETS and \
-        not Path(spec).expanduser().exists() else None
+    builtin = _builtin_name(spec)
     if builtin and BUILTIN_SETS[builtin] != task:
         raise LmforgeError(f"{src}: a built-in {BUILTIN_SETS[builtin]} data set, not for task {task} "
                            f"(built-in {task} sets: "
