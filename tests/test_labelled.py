@@ -365,6 +365,29 @@ def test_hub_data_sets_fail_offline_in_one_line(monkeypatch):
     assert_has(error("data/missing.jsonl", "classify"), "no such file, and not a built-in data set")
 
 
+def test_an_unreachable_hub_is_named_without_datasets_retries(monkeypatch):
+    import datasets
+
+    from lmforge.data import labelled
+
+    for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY",
+              "https_proxy", "http_proxy", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens, refused at once
+
+    def never(*a, **k):
+        raise AssertionError("load_dataset called although the hub cannot be reached")
+
+    monkeypatch.setattr(datasets, "load_dataset", never)
+    assert_has(error("data/reviwes", "classify"), "data/reviwes:", "hub (127.0.0.1) cannot be reached",
+               "HF_HUB_OFFLINE=1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline mode: datasets reads its cache, so it is asked
+    assert labelled._unreachable_hub() is None
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # a proxy may reach what TCP cannot
+    assert labelled._unreachable_hub() is None
+
+
 def test_builtin_errors(tmp_path):
     with pytest.raises(LmforgeError, match="did you mean 'rotten_tomatoes'"):
         resolve_data("roten_tomatoes:test")

@@ -115,6 +115,31 @@ def _dataset_source(spec: str) -> _DatasetSource | None:
 _HUB_LOADED: dict[tuple[str, str | None], Any] = {}  # (hub id, config) -> DatasetDict, loaded once per process
 
 
+def _unreachable_hub(timeout: float = 3.0) -> str | None:
+    """The hub's host when it cannot be reached, else None (reachable, offline mode asked for, or a proxy).
+
+    Offline, `datasets` retries each request with back-off for about 25 s before it gives up, so a mistyped
+    local path that looks like a hub id (`data/reviews`) would wait that long for its error. A TCP connection
+    answers in milliseconds; behind a proxy it says nothing, so then `datasets` is left to find out itself."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    env = {k.upper(): v for k, v in os.environ.items()}
+    if any(env.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE",
+                                                                                   "HF_DATASETS_OFFLINE")):
+        return None  # datasets answers at once from its cache
+    if any(env.get(k) for k in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")):
+        return None
+    url = urlparse(env.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = url.hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, url.port or (80 if url.scheme == "http" else 443)), timeout=timeout):
+            return None
+    except OSError:
+        return host
+
+
 def _load_dataset(source: _DatasetSource):
     """The Dataset or DatasetDict behind `source` (a hub data set is downloaded once and cached by `datasets`;
     this process keeps it, since finetune reads its splits one by one and each load asks the hub again)."""
@@ -127,8 +152,15 @@ def _load_dataset(source: _DatasetSource):
             return datasets.load_from_disk(source.where)
         key = (source.where, source.config)
         if key not in _HUB_LOADED:
+            host = _unreachable_hub()
+            if host:
+                raise LmforgeError(f"{source.base}: no such local file or folder, and the Hugging Face hub ({host}) "
+                                   "cannot be reached to load it from there (offline? HF_HUB_OFFLINE=1 reads a "
+                                   "copy that `datasets` has cached)")
             _HUB_LOADED[key] = datasets.load_dataset(source.where, source.config)
         return _HUB_LOADED[key]
+    except LmforgeError:
+        raise
     except Exception as e:  # offline, no such data set, a config it does not have...: one line, never a traceback
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         where = ("a datasets folder" if source.kind == "disk" else
