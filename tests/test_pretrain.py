@@ -243,6 +243,20 @@ def test_init_from_continues_training(tmp_path, tiny_run, other_corpus_file):
     assert json.loads(ev.out)["loss"] == pytest.approx(metrics["initial_val_loss"], abs=1e-4)
 
 
+def test_max_minutes_leaves_room_for_evaluations():
+    from lmforge.recipes.pretrain import fit_steps
+
+    # cheap evaluations: ten of them, 8 % of the budget kept for them and checkpoints
+    assert fit_steps(600, 0.265, 1.0, False) == (int(600 * 0.92 / 0.265), 10)
+    # an 11 s evaluation in a 3-minute budget: once, at the end, instead of ten times (110 s of 180)
+    assert fit_steps(180, 1.6, 11.0, False) == (int(180 * 0.92 / 1.6), 1)
+    assert fit_steps(180, 1.6, 4.0, False)[1] == 3
+    # one evaluation costs more than 8 %: the steps make room for it
+    assert fit_steps(60, 1.6, 30.0, False) == (int(30 / 1.6), 1)
+    # --eval-interval given: the user's cadence, the 8 % rule for the steps
+    assert fit_steps(180, 1.6, 11.0, True) == (int(180 * 0.92 / 1.6), 10)
+
+
 def test_max_minutes_sets_the_step_count(tmp_path, tiny_run):
     out = tmp_path / "timed"
     res = cli(*fast_args(tiny_run, out, "--max-minutes", "0.05", "--batch-size", "1", "--context", "16"))
@@ -251,7 +265,10 @@ def test_max_minutes_sets_the_step_count(tmp_path, tiny_run):
     assert m, res.out
     steps = int(m.group(1))
     assert steps >= 10
-    assert yaml.safe_load((out / "config.yaml").read_text())["max_steps"] == steps
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["max_steps"] == steps
+    n_evals = int(re.search(r"evaluated (\d+) times", res.out).group(1))
+    assert saved["eval_interval"] == math.ceil(steps / n_evals)  # saved, so that --resume keeps the cadence
     metrics = json.loads((out / "metrics.json").read_text())
     assert 1 <= metrics["steps"] <= steps
     assert (out / "final" / "model.safetensors").is_file()

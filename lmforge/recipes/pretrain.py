@@ -53,7 +53,8 @@ class PretrainConfig:
     compile: str = opt("auto", "torch.compile the model: ~15 s up front, ~15% faster steps (auto: on for runs "
                                "of 2+ minutes or 500+ steps when a C compiler is present)", choices=["auto", "on", "off"])
     val_fraction: float = opt(0.05, "fraction of tokens held out for validation (the tail of the corpus)", gt=0, lt=1)
-    eval_interval: int = opt(0, "evaluate every N steps (0: 10 times per run)", ge=0)
+    eval_interval: int = opt(0, "evaluate every N steps (0: 10 times per run, fewer where that would take "
+                                "over 8% of a --max-minutes budget)", ge=0)
     eval_tokens: int = opt(65536, "validation tokens scored at each evaluation (0: all)", ge=0)
     sample_tokens: int = opt(48, "tokens of sample text generated at each evaluation (0: none)", ge=0)
     save_interval: int = opt(0, "checkpoint every N steps (0: at each evaluation)", ge=0)
@@ -209,7 +210,7 @@ def run(cfg: PretrainConfig) -> dict:
         return total
 
     # ---- the step budget -------------------------------------------------------------------------------------
-    start_step, max_steps = 0, cfg.max_steps
+    start_step, max_steps, per_step = 0, cfg.max_steps, None
     saved: dict = {}
     if resume_from is not None:
         saved = ckpt.load_trainer_state(resume_from)
@@ -221,36 +222,17 @@ def run(cfg: PretrainConfig) -> dict:
                   f"sees {rt.world_size}/{world} of the tokens a step saw before", flush=True)
     elif not max_steps and cfg.max_minutes > 0:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)  # constant LR for the probe
-        per_step = measure_step_seconds(train_step, model, optimizer)
-        # ~8% of the budget goes to evaluations and checkpoints.
-        max_steps = max(10, int(cfg.max_minutes * 60 * 0.92 / per_step))
-        max_steps = int(rt.agree([max_steps], "min")[0])  # every rank must run the same schedule
-        print(f"measured {per_step:.3f} s/step: {cfg.max_minutes:g} minutes is about {max_steps} steps", flush=True)
+        per_step = measure_step_seconds(train_step, model, optimizer)  # the steps are fitted after evaluation 0
     elif not max_steps:
         max_steps = 1000
-    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else min(200, max(1, max_steps // 20))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, max_steps, cfg.min_lr_ratio))
-    if resume_from is not None:
-        load_optimizer_state(model, optimizer, saved["optimizer"], sharded)
-        scheduler.load_state_dict(saved["scheduler"])
-        ckpt.set_rng_state(saved["rng"], rt.rank)
-    eval_interval = cfg.eval_interval or max(1, math.ceil(max_steps / 10))
-    save_interval = cfg.save_interval or eval_interval
-    resolved = dict(C.to_dict(cfg), max_steps=max_steps, lr=lr, warmup_steps=warmup, context=context,
-                    precision=precision)
-    config_yaml = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
 
     log = MetricsLog(out, enabled=rt.is_main)
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
         if resume_from is not None:
             log.truncate_after(start_step)
         elif log.path.exists():
             log.path.unlink()  # a fresh run in an old folder: start the log over
-    print(f"model: {n_params / 1e6:.2f}M parameters | context {context} | {tokens_per_step:,} tokens/step | "
-          f"{max_steps} steps | precision {precision}{' | compiled' if use_compile else ''} | device {rt.device}"
-          + (f" | world {rt.world_size}{' (FSDP)' if sharded else ''}" if rt.distributed else ""), flush=True)
     print(f"data: {data.meta['train_tokens']:,} training / {data.meta['val_tokens']:,} validation tokens "
           f"(cache {data.path})", flush=True)
     if resume_from is not None:
@@ -294,11 +276,36 @@ def run(cfg: PretrainConfig) -> dict:
     try:
         first_eval = None
         if start_step == 0:
+            t_eval = time.time()
             first_eval = evaluate(0)
+            eval_seconds = time.time() - t_eval
         else:
             # Recover the step-0 numbers for the summary from the log of the interrupted run.
             first_eval = next((r for r in log.rows() if r.get("step") == 0 and "val_loss" in r), None)
 
+        n_evals = 10  # evaluations after step 0 (the last one at the end)
+        if per_step is not None:
+            max_steps, n_evals = fit_steps(cfg.max_minutes * 60, per_step, eval_seconds, bool(cfg.eval_interval))
+            max_steps, n_evals = (int(v) for v in rt.agree([max_steps, n_evals], "min"))  # one schedule for all
+            print(f"measured {per_step:.3f} s/step and {eval_seconds:.1f} s/evaluation: {cfg.max_minutes:g} minutes "
+                  f"is about {max_steps} steps" + (f", evaluated {n_evals} times" if not cfg.eval_interval else ""),
+                  flush=True)
+        warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else min(200, max(1, max_steps // 20))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, max_steps, cfg.min_lr_ratio))
+        if resume_from is not None:
+            load_optimizer_state(model, optimizer, saved["optimizer"], sharded)
+            scheduler.load_state_dict(saved["scheduler"])
+            ckpt.set_rng_state(saved["rng"], rt.rank)
+        eval_interval = cfg.eval_interval or max(1, math.ceil(max_steps / n_evals))
+        save_interval = cfg.save_interval or eval_interval
+        resolved = dict(C.to_dict(cfg), max_steps=max_steps, lr=lr, warmup_steps=warmup, context=context,
+                        precision=precision, eval_interval=eval_interval)
+        config_yaml = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
+        if rt.is_main:
+            (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        print(f"model: {n_params / 1e6:.2f}M parameters | context {context} | {tokens_per_step:,} tokens/step | "
+              f"{max_steps} steps | precision {precision}{' | compiled' if use_compile else ''} | device {rt.device}"
+              + (f" | world {rt.world_size}{' (FSDP)' if sharded else ''}" if rt.distributed else ""), flush=True)
         from tqdm import tqdm
         bar = tqdm(total=max_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and rt.is_main))
@@ -324,8 +331,12 @@ def run(cfg: PretrainConfig) -> dict:
             bar.update(1)
             if step % eval_interval == 0 or step == max_steps:
                 bar.clear()
+                t_eval = time.time()
                 last_eval = evaluate(step)
-                window_t = time.time()  # evaluation time is not training throughput
+                # Evaluation time is not training throughput. The window keeps the steps it has counted since
+                # the last log line, so it must lose the evaluation's time, not restart (which made the quickstart
+                # on a slow CPU report 17,927 tokens/s for steps that ran at about 2,500).
+                window_t += time.time() - t_eval
             if step % save_interval == 0 and step < max_steps:
                 save(step)
             ran = step - start_step
@@ -399,6 +410,19 @@ def compile_pays_off(cfg: PretrainConfig, device) -> bool:
     if not long_run or device.type not in ("cpu", "cuda"):
         return False
     return device.type == "cuda" or bool(shutil.which("cc") or shutil.which("gcc"))
+
+
+def fit_steps(budget_s: float, step_s: float, eval_s: float, interval_given: bool) -> tuple[int, int]:
+    """(steps, evaluations after step 0) that fill a --max-minutes budget of `budget_s` seconds.
+
+    About 8 % of the budget is left for evaluations and checkpoints, which is ten evaluations where they are
+    cheap. Where one costs more (a slow CPU in fp32: the `small` preset's 65k validation tokens took 11 s
+    against 1.6 s per step on a 2-core AVX2 machine, so ten of them were 60 % of a 3-minute run, and the run
+    hit its budget at 60 % of its steps), the run evaluates less often, down to once at the end, and the
+    steps make room for what is left."""
+    n_evals = 10 if interval_given else max(1, min(10, int(0.08 * budget_s / max(eval_s, 1e-9))))
+    overhead = max(0.08 * budget_s, n_evals * eval_s) if not interval_given else 0.08 * budget_s
+    return max(10, int((budget_s - overhead) / step_s)), n_evals
 
 
 def measure_step_seconds(train_step, model, optimizer, n_steps: int = 6) -> float:
