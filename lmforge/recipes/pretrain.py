@@ -288,7 +288,7 @@ def run(cfg: PretrainConfig) -> dict:
             max_steps, n_evals = fit_steps(cfg.max_minutes * 60, per_step, eval_seconds, bool(cfg.eval_interval))
             max_steps, n_evals = (int(v) for v in rt.agree([max_steps, n_evals], "min"))  # one schedule for all
             print(f"measured {per_step:.3f} s/step and {eval_seconds:.1f} s/evaluation: {cfg.max_minutes:g} minutes "
-                  f"is about {max_steps} steps" + (f", evaluated {n_evals} times" if not cfg.eval_interval else ""),
+                  f"is about {max_steps} steps" + (f", evaluated {n_evals} time{'s' * (n_evals != 1)}" if not cfg.eval_interval else ""),
                   flush=True)
         warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else min(200, max(1, max_steps // 20))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, max_steps, cfg.min_lr_ratio))
