@@ -125,6 +125,13 @@ def main() -> None:
     test = load_examples("rotten_tomatoes:test", "classify").rows
     print(f"minilm-l6 on rotten_tomatoes: {len(train)} train / {len(test)} test, {args.epochs:g} epoch(s), batch "
           f"{args.batch_size}, lr {args.lr:g}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    from lmforge.train.common import cpu_supports_bf16
+
+    cpu = f"{torch.backends.cpu.get_cpu_capability()}, {'native' if cpu_supports_bf16() else 'no native'} bf16"
+    print(f"CPU: {cpu}", flush=True)
+    if not cpu_supports_bf16():
+        print("note: this CPU has no native bf16 (avx512_bf16/AMX): lmforge trains in fp32 here and the tuned "
+              "Trainer's bf16 is emulated, so this is not the comparison the targets were set for", flush=True)
 
     runners = {"lmforge": lambda: lmforge_run(args, work),
                "hf_tuned": lambda: hf_trainer(model_path, train, val, test, args, True, work),
@@ -141,8 +148,10 @@ def main() -> None:
             runs[side].append(r)
             print(f"seed {seed} {side:<11} {r['samples_per_s']:7.1f} samples/s  test accuracy "
                   f"{100 * r['test_accuracy']:.2f} %  (validation {100 * r['validation_accuracy']:.2f} %)", flush=True)
+    # The machine and the scoring are part of the setup, so --combine refuses to pool runs made on another CPU,
+    # or scored before fine-tuning evaluated in fp32 (files from before 2026-12-02 have neither key).
     setup = {"train": len(train), "test": len(test), "epochs": args.epochs, "batch_size": args.batch_size,
-             "lr": args.lr, "seeds": args.seeds}
+             "lr": args.lr, "seeds": args.seeds, "cpu": cpu, "lmforge_eval_precision": "fp32"}
     report(summarize(runs, setup), args.json)
 
 

@@ -356,31 +356,44 @@ def test_datasets_folders_are_read_with_their_splits_and_label_names(saved_datas
     assert_has(error(str(tmp_path / "plain"), "classify"), "is a folder, and not one written by")
 
 
-def test_hub_data_sets_fail_offline_in_one_line(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    for spec, named in (("someone/some-set", "someone/some-set:"), ("hf:imdb:test", "hf:imdb:"),
-                        ("nyu-mll/glue/sst2", "nyu-mll/glue/sst2:")):
-        assert_has(error(spec, "classify"), named, "loading it from the Hugging Face hub failed")
-    assert_has(error("data/missing.jsonl", "classify"), "no such file, and not a built-in data set")
+@pytest.fixture
+def no_hub(monkeypatch):
+    """The hub at a port nothing listens on (refused at once), no offline mode, no proxy."""
+    for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY",
+              "https_proxy", "http_proxy", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port
 
 
-def test_an_unreachable_hub_is_named_without_datasets_retries(monkeypatch):
+def test_hub_data_sets_fail_offline_in_one_line(no_hub, monkeypatch):
     import datasets
 
     from lmforge.data import labelled
 
-    for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY",
-              "https_proxy", "http_proxy", "all_proxy"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens, refused at once
-
     def never(*a, **k):
         raise AssertionError("load_dataset called although the hub cannot be reached")
 
-    monkeypatch.setattr(datasets, "load_dataset", never)
-    assert_has(error("data/reviwes", "classify"), "data/reviwes:", "hub (127.0.0.1) cannot be reached",
-               "HF_HUB_OFFLINE=1")
+    monkeypatch.setattr(datasets, "load_dataset", never)  # datasets' own retries would take ~25 s per spec
+    for spec, named in (("someone/some-set", "someone/some-set:"), ("hf:imdb:test", "hf:imdb:"),
+                        ("nyu-mll/glue/sst2", "nyu-mll/glue/sst2:"), ("data/reviwes", "data/reviwes:")):
+        assert_has(error(spec, "classify"), named, "no such local file or folder",
+                   "hub (127.0.0.1) cannot be reached", "HF_HUB_OFFLINE=1")
+    assert_has(error("data/missing.jsonl", "classify"), "no such file, and not a built-in data set")
+
+    # reachable, but datasets fails (no such set, a missing config, no cached copy offline): its first line
+    def fails(*a, **k):
+        raise ConnectionError("Couldn't reach 'someone/some-set' on the Hub (LocalEntryNotFoundError)\nmore")
+
+    monkeypatch.setattr(datasets, "load_dataset", fails)
+    monkeypatch.setattr(labelled, "_unreachable_hub", lambda: None)
+    assert_has(error("someone/some-set", "classify"), "someone/some-set:",
+               "loading it from the Hugging Face hub failed (ConnectionError: Couldn't reach")
+
+
+def test_offline_mode_and_proxies_are_left_to_datasets(no_hub, monkeypatch):
+    from lmforge.data import labelled
+
+    assert labelled._unreachable_hub() == "127.0.0.1"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline mode: datasets reads its cache, so it is asked
     assert labelled._unreachable_hub() is None
     monkeypatch.delenv("HF_HUB_OFFLINE")
