@@ -139,3 +139,18 @@ def test_unknown_verb_exit_code_in_a_real_process():
 def test_version(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("lmforge ")
+
+
+def test_bf16_on_a_cpu_without_it_says_it_is_emulated(monkeypatch, capsys):
+    import torch
+
+    from lmforge.train import common
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(common, "cpu_supports_bf16", lambda: False)
+    assert common.resolve_precision("auto", cpu) == "fp32" and capsys.readouterr().out == ""
+    assert common.resolve_precision("bf16", cpu) == "bf16"  # asked for: honoured, with the cost named
+    assert "bf16 is emulated" in capsys.readouterr().out
+    monkeypatch.setattr(common, "cpu_supports_bf16", lambda: True)
+    assert common.resolve_precision("bf16", cpu) == "bf16" and capsys.readouterr().out == ""
+    assert common.resolve_precision("auto", cpu) == "bf16"
