@@ -67,6 +67,7 @@ def test_classify_end_to_end_loads_with_plain_transformers(tiny_bert, sentiment,
     assert (out / "config.yaml").exists() and (out / "final" / "lmforge_config.yaml").exists()
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["attention"] == "eager"  # CPU bf16 trains with eager attention; the saved model keeps its default
+    assert "precision bf16 (fp32 to evaluate), eager attention" in res.out
     assert not any("attn" in k for k in json.loads((out / "final" / "config.json").read_text()))
 
     pred = cli("predict", "--model", out, "--text", "a wonderful film", "dull")

@@ -417,22 +417,22 @@ def run(cfg: FinetuneConfig) -> dict:
     elif log.path.exists():
         log.path.unlink()
 
+    # bf16 autocast rounds every matmul input, which flips borderline predictions: scored that way, metrics.json
+    # (and the best checkpoint picked by it) would describe a model DIR/final is not once loaded in fp32, as
+    # `lmforge evaluate` and plain transformers load it (MiniLM, rotten_tomatoes validation: 81.43 % fp32 against
+    # 81.52 % under bf16 autocast, one sentence in 1,066).
+    eval_precision = precision if cfg.eval_precision == "train" else "fp32"
     print(f"task {cfg.task} | model {path.name if path.name != 'model' else path} | "
           f"{n_total / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trained{' (LoRA)' if cfg.lora else ''} | "
           f"{len(feats):,} training features, batch {batch_size}x{cfg.grad_accum} | {plan['max_steps']} steps | "
-          f"lr {lr:g} | precision {precision}, {kernel} attention | device {rt.device}"
+          f"lr {lr:g} | precision {precision}" + (f" ({eval_precision} to evaluate)" if eval_precision != precision
+                                                  else "") + f", {kernel} attention | device {rt.device}"
           + (f" | world {rt.world_size}{' (FSDP)' if sharded else ''}" if rt.distributed else ""), flush=True)
     print("data: " + ", ".join(f"{k} {len(v):,} ({v.source})" for k, v in {"train": train, **others}.items()),
           flush=True)
 
     def amp():
         return autocast(precision, rt.device)
-
-    # bf16 autocast rounds every matmul input, which flips borderline predictions: scored that way, metrics.json
-    # (and the best checkpoint picked by it) would describe a model DIR/final is not once loaded in fp32, as
-    # `lmforge evaluate` and plain transformers load it (MiniLM, rotten_tomatoes validation: 81.43 % fp32 against
-    # 81.52 % under bf16 autocast, one sentence in 1,066).
-    eval_precision = precision if cfg.eval_precision == "train" else "fp32"
 
     def evaluate(split: str):
         model.eval()
