@@ -148,9 +148,9 @@ def test_bf16_on_a_cpu_without_it_says_it_is_emulated(monkeypatch, capsys):
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(common, "cpu_supports_bf16", lambda: False)
-    assert common.resolve_precision("auto", cpu) == "fp32" and capsys.readouterr().out == ""
+    assert common.resolve_precision("auto", cpu) == "fp32" and capsys.readouterr().err == ""
     assert common.resolve_precision("bf16", cpu) == "bf16"  # asked for: honoured, with the cost named
-    assert "bf16 is emulated" in capsys.readouterr().out
+    assert "bf16 is emulated" in capsys.readouterr().err  # stderr: evaluate's stdout is JSON
     monkeypatch.setattr(common, "cpu_supports_bf16", lambda: True)
-    assert common.resolve_precision("bf16", cpu) == "bf16" and capsys.readouterr().out == ""
+    assert common.resolve_precision("bf16", cpu) == "bf16" and capsys.readouterr().err == ""
     assert common.resolve_precision("auto", cpu) == "bf16"

@@ -122,7 +122,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         if precision == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
             # bench/precision.py on a 2-core AVX2 machine: a MiniLM training step took 24.4 s in bf16, 1.1 s in fp32.
             print("note: this CPU has no native bf16 (avx512_bf16 or AMX), so bf16 is emulated and about 20x "
-                  "slower than fp32 here; --precision auto picks fp32 on it", flush=True)
+                  "slower than fp32 here; --precision auto picks fp32 on it", file=sys.stderr, flush=True)
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
