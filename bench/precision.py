@@ -1,6 +1,7 @@
 """Is bf16 autocast worth it on this CPU? fp32 against bf16 training steps, side by side.
 
-    .venv/bin/python bench/precision.py --json docs/results/precision_bench.json   # ~1 min; ~4 min where bf16 is emulated
+    .venv/bin/python bench/precision.py --json docs/results/precision_bench.json
+    # ~1 min; ~4 min where bf16 is emulated
 
 `--precision auto` (pretrain, finetune) picks bf16 only on CPUs with native bf16 dot products (avx512_bf16 or
 AMX), where the brief measured it 2-2.6x faster; elsewhere PyTorch emulates bf16 and autocast is much slower

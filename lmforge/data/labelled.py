@@ -154,8 +154,7 @@ def _load_dataset(source: _DatasetSource):
         if key not in _HUB_LOADED:
             host = _unreachable_hub()
             # datasets falls back to a copy it has cached (after its retries): only a set it never saw fails here
-            cached = Path(datasets.config.HF_DATASETS_CACHE) / source.where.replace("/", "___")
-            if host and not cached.exists():
+            if host and not (Path(datasets.config.HF_DATASETS_CACHE) / source.where.replace("/", "___")).exists():
                 raise LmforgeError(f"{source.base}: no such local file or folder, and the Hugging Face hub ({host}) "
                                    "cannot be reached to load it from there (offline? HF_HUB_OFFLINE=1 reads a "
                                    "copy that `datasets` has cached)")

@@ -57,7 +57,8 @@ class PretrainConfig:
                                 "over 8% of a --max-minutes budget)", ge=0)
     eval_tokens: int = opt(65536, "validation tokens scored at each evaluation (0: all)", ge=0)
     sample_tokens: int = opt(48, "tokens of sample text generated at each evaluation (0: none)", ge=0)
-    save_interval: int = opt(0, "checkpoint every N steps (0: at each evaluation)", ge=0)
+    save_interval: int = opt(0, "checkpoint every N steps (0: at each evaluation, or 10 times "
+                                "per run where --max-minutes evaluates less often)", ge=0)
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep", ge=1)
     log_interval: int = opt(10, "log training loss every N steps", ge=1)
     seed: int = opt(1337, "random seed for initialisation and data order")
@@ -287,9 +288,9 @@ def run(cfg: PretrainConfig) -> dict:
         if per_step is not None:
             max_steps, n_evals = fit_steps(cfg.max_minutes * 60, per_step, eval_seconds, bool(cfg.eval_interval))
             max_steps, n_evals = (int(v) for v in rt.agree([max_steps, n_evals], "min"))  # one schedule for all
+            times = "" if cfg.eval_interval else f", evaluated {n_evals} time{'s' * (n_evals != 1)}"
             print(f"measured {per_step:.3f} s/step and {eval_seconds:.1f} s/evaluation: {cfg.max_minutes:g} minutes "
-                  f"is about {max_steps} steps" + (f", evaluated {n_evals} time{'s' * (n_evals != 1)}" if not cfg.eval_interval else ""),
-                  flush=True)
+                  f"is about {max_steps} steps{times}", flush=True)
         warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else min(200, max(1, max_steps // 20))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, max_steps, cfg.min_lr_ratio))
         if resume_from is not None:
@@ -297,7 +298,8 @@ def run(cfg: PretrainConfig) -> dict:
             scheduler.load_state_dict(saved["scheduler"])
             ckpt.set_rng_state(saved["rng"], rt.rank)
         eval_interval = cfg.eval_interval or max(1, math.ceil(max_steps / n_evals))
-        save_interval = cfg.save_interval or eval_interval
+        # 10 times per run even where --max-minutes evaluates less often: a killed run keeps its work
+        save_interval = cfg.save_interval or cfg.eval_interval or max(1, math.ceil(max_steps / 10))
         resolved = dict(C.to_dict(cfg), max_steps=max_steps, lr=lr, warmup_steps=warmup, context=context,
                         precision=precision, eval_interval=eval_interval)
         config_yaml = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
@@ -420,8 +422,10 @@ def fit_steps(budget_s: float, step_s: float, eval_s: float, interval_given: boo
     against 1.6 s per step on a 2-core AVX2 machine, so ten of them were 60 % of a 3-minute run, and the run
     hit its budget at 60 % of its steps), the run evaluates less often, down to once at the end, and the
     steps make room for what is left."""
-    n_evals = 10 if interval_given else max(1, min(10, int(0.08 * budget_s / max(eval_s, 1e-9))))
-    overhead = max(0.08 * budget_s, n_evals * eval_s) if not interval_given else 0.08 * budget_s
+    if interval_given:  # the user's cadence: the old 8 % rule
+        return max(10, int(0.92 * budget_s / step_s)), 10
+    n_evals = max(1, min(10, int(0.08 * budget_s / max(eval_s, 1e-9))))
+    overhead = max(0.08 * budget_s, n_evals * eval_s)
     return max(10, int((budget_s - overhead) / step_s)), n_evals
 
 
