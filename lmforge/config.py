@@ -152,11 +152,14 @@ def resolve(cls, args: argparse.Namespace, base: dict | None = None):
     cli.pop("verb", None)
     cli.pop("func", None)
     cfg_file = cli.pop("config", None)
+    keep = cli.pop("resume_keep", ())
     if cfg_file:
         from_file = {str(k).replace("-", "_"): v for k, v in load_yaml(cfg_file).items()}
         build(cls, from_file, source=str(cfg_file))  # validate names and types against the file itself
         values.update(from_file)
     values.update(cli)
+    for key in keep:  # set by resume_base: a default typed again must not re-resolve what the run resolved
+        values[key] = base[key]
     return build(cls, values, source="options")
 
 
@@ -200,6 +203,11 @@ def resume_base(args: argparse.Namespace, cls) -> dict:
     defaults = {n: _default(f) for n, f in _fields(cls).items()}
     changed = [k for k, v in given.items() if k in saved and k not in RESUME_MAY_CHANGE and not _same(v, saved[k])
                and not (k in defaults and _same(v, defaults[k]))]
+    # ...but it must not replace the saved value either: "--eval-interval 0" means "resolve it", and the run
+    # resolved it from a timed evaluation that a resumed run does not repeat, so resolving again would evaluate
+    # on another schedule than the run that was started.
+    args.resume_keep = [k for k, v in given.items() if k in saved and k not in RESUME_MAY_CHANGE
+                        and k in defaults and _same(v, defaults[k]) and not _same(v, saved[k])]
     if changed:
         shown = ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run has {saved[k]})" for k in changed)
         raise LmforgeError(f"--resume continues {args.out} as it was started; its config.yaml disagrees with "

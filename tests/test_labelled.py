@@ -360,7 +360,7 @@ def test_datasets_folders_are_read_with_their_splits_and_label_names(saved_datas
 def no_hub(monkeypatch):
     """The hub at a port nothing listens on (refused at once), no offline mode, no proxy."""
     for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY",
-              "https_proxy", "http_proxy", "all_proxy"):
+              "https_proxy", "http_proxy", "all_proxy", "NO_PROXY", "no_proxy"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port
 
@@ -397,8 +397,10 @@ def test_offline_mode_and_proxies_are_left_to_datasets(no_hub, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline mode: datasets reads its cache, so it is asked
     assert labelled._unreachable_hub() is None
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # a proxy may reach what TCP cannot
+    monkeypatch.setenv("https_proxy", "http://proxy.invalid:3128")  # a proxy may reach what TCP cannot
     assert labelled._unreachable_hub() is None
+    monkeypatch.setenv("no_proxy", "127.0.0.1")  # ...but not a host it is told to leave alone
+    assert labelled._unreachable_hub() == "127.0.0.1"
 
 
 def test_builtin_errors(tmp_path):

@@ -208,6 +208,21 @@ def test_resume_refuses_changed_options_by_name(tmp_path, tiny_run):
     assert_user_error(cli("pretrain", "--out", tmp_path / "nothing", "--resume"), "no run to continue")
 
 
+def test_resume_keeps_resolved_values_when_defaults_are_typed(tmp_path, tiny_run):
+    """'--eval-interval 0' typed again on --resume keeps the interval the run resolved (with --max-minutes it was
+    fitted to a timed evaluation that a resumed run does not repeat); it does not resolve it again."""
+    out = tmp_path / "k"
+    assert cli(*fast_args(tiny_run, out, "--max-steps", "6", "--stop-after-steps", "1", "--log-interval", "1")).code == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["eval_interval"] == 1  # resolved: ceil(6 / 10)
+    saved["eval_interval"] = 3  # as --max-minutes would have fitted it
+    (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    res = cli(*fast_args(tiny_run, out, "--max-steps", "6", "--eval-interval", "0", "--resume"))
+    assert res.code == 0, res.err
+    assert [r["step"] for r in metrics_rows(out) if "val_loss" in r] == [0, 1, 3, 6]
+    assert yaml.safe_load((out / "config.yaml").read_text())["eval_interval"] == 3
+
+
 def test_resume_of_a_finished_run_is_harmless(tmp_path, tiny_run):
     """--resume after the run completed trains no further steps and keeps the log consistent."""
     out = tmp_path / "r"

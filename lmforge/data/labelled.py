@@ -123,16 +123,20 @@ def _unreachable_hub(timeout: float = 3.0) -> str | None:
     answers in milliseconds; behind a proxy it says nothing, so then `datasets` is left to find out itself."""
     import os
     import socket
+    import urllib.request
     from urllib.parse import urlparse
 
-    env = {k.upper(): v for k, v in os.environ.items()}
-    if any(env.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE",
-                                                                                   "HF_DATASETS_OFFLINE")):
+    # huggingface_hub reads these two by their exact names
+    if any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE",
+                                                                                        "HF_DATASETS_OFFLINE")):
         return None  # datasets answers at once from its cache
-    if any(env.get(k) for k in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")):
-        return None
-    url = urlparse(env.get("HF_ENDPOINT") or "https://huggingface.co")
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host = url.hostname or "huggingface.co"
+    # Proxies as the hub client finds them (requests and httpx both ask urllib): the *_proxy variables in either
+    # case, and the system settings on macOS and Windows; a host that NO_PROXY exempts is reached directly.
+    proxies = urllib.request.getproxies()
+    if any(proxies.get(k) for k in ("https", "http", "all")) and not urllib.request.proxy_bypass(host):
+        return None
     try:
         with socket.create_connection((host, url.port or (80 if url.scheme == "http" else 443)), timeout=timeout):
             return None

@@ -301,7 +301,7 @@ def run(cfg: PretrainConfig) -> dict:
         # 10 times per run even where --max-minutes evaluates less often: a killed run keeps its work
         save_interval = cfg.save_interval or cfg.eval_interval or max(1, math.ceil(max_steps / 10))
         resolved = dict(C.to_dict(cfg), max_steps=max_steps, lr=lr, warmup_steps=warmup, context=context,
-                        precision=precision, eval_interval=eval_interval)
+                        precision=precision, eval_interval=eval_interval, save_interval=save_interval)
         config_yaml = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
         if rt.is_main:
             (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
@@ -340,7 +340,9 @@ def run(cfg: PretrainConfig) -> dict:
                 # on a slow CPU report 17,927 tokens/s for steps that ran at about 2,500).
                 window_t += time.time() - t_eval
             if step % save_interval == 0 and step < max_steps:
+                t_save = time.time()
                 save(step)
+                window_t += time.time() - t_save  # nor is writing a checkpoint
             ran = step - start_step
             # One rank's signal or clock decides for all of them (see Runtime.agree). Past the budget the run
             # stops with its cosine schedule unfinished; re-fitting the step count to the pace instead (as
