@@ -176,16 +176,19 @@ def save(cfg, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-# Options that may differ on --resume: how this invocation runs, not what the run trains.
+# Options that may differ on --resume: how this invocation runs, not what the run trains. Precision and the
+# attention kernel belong here with the device: a run moved to another machine must be able to pick what that
+# machine runs well ("--precision auto" again), and the weights and optimizer state are fp32 whichever it is.
 RESUME_MAY_CHANGE = {"out", "resume", "stop_after_steps", "progress", "device", "eval_batch_size", "keep_checkpoints",
-                     "log_interval", "save_interval", "fsdp"}
+                     "log_interval", "save_interval", "fsdp", "precision", "attention"}
 
 
-def resume_base(args: argparse.Namespace, cls) -> dict:
+def resume_base(args: argparse.Namespace, cls, resolved: tuple[str, ...] = ()) -> dict:
     """With --resume, a run's saved DIR/config.yaml is the base, so `--out DIR --resume` alone is enough.
     Training recipes use it as their `base_config`. An option given again with another value (a longer
     --max-steps, a new --lr) is refused by name instead of being half-applied: the saved state fixes the
-    schedule and data order, so a resumed run is the run that was started."""
+    schedule and data order, so a resumed run is the run that was started. `resolved` names the options whose
+    default means "work it out" and whose worked-out value the recipe saves (max_steps 0, lr 0...)."""
     if not getattr(args, "resume", False) or not getattr(args, "out", None):
         return {}
     path = Path(args.out) / "config.yaml"
@@ -198,16 +201,16 @@ def resume_base(args: argparse.Namespace, cls) -> dict:
     given = {k: v for k, v in vars(args).items() if k not in ("verb", "func", "config")}
     if getattr(args, "config", None):
         given = {**{str(k).replace("-", "_"): v for k, v in load_yaml(args.config).items()}, **given}
-    # A default typed again ("--precision auto", "--lr 0") is what the saved value was resolved from, e.g. when
-    # the first command line is repeated with --resume: not a change.
+    # "Work it out" typed again ("--lr 0", "--eval-interval 0") is what the saved value was worked out from, e.g.
+    # when the first command line is repeated with --resume: not a change. It must not replace the saved value
+    # either: the run fitted --eval-interval to a timed evaluation that a resumed run does not repeat, so working
+    # it out again would evaluate on another schedule than the run that was started. Any other option typed with
+    # its default where the run has another value is a change, refused like any other.
     defaults = {n: _default(f) for n, f in _fields(cls).items()}
+    args.resume_keep = [k for k, v in given.items() if k in saved and k not in RESUME_MAY_CHANGE and k in resolved
+                        and _same(v, defaults[k]) and not _same(v, saved[k])]
     changed = [k for k, v in given.items() if k in saved and k not in RESUME_MAY_CHANGE and not _same(v, saved[k])
-               and not (k in defaults and _same(v, defaults[k]))]
-    # ...but it must not replace the saved value either: "--eval-interval 0" means "resolve it", and the run
-    # resolved it from a timed evaluation that a resumed run does not repeat, so resolving again would evaluate
-    # on another schedule than the run that was started.
-    args.resume_keep = [k for k, v in given.items() if k in saved and k not in RESUME_MAY_CHANGE
-                        and k in defaults and _same(v, defaults[k]) and not _same(v, saved[k])]
+               and k not in args.resume_keep]
     if changed:
         shown = ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run has {saved[k]})" for k in changed)
         raise LmforgeError(f"--resume continues {args.out} as it was started; its config.yaml disagrees with "

@@ -363,6 +363,8 @@ def no_hub(monkeypatch):
               "https_proxy", "http_proxy", "all_proxy", "NO_PROXY", "no_proxy"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port
+    import urllib.request
+    monkeypatch.setattr(urllib.request, "getproxies", urllib.request.getproxies_environment)  # not macOS's settings
 
 
 def test_hub_data_sets_fail_offline_in_one_line(no_hub, monkeypatch):
@@ -399,8 +401,9 @@ def test_offline_mode_and_proxies_are_left_to_datasets(no_hub, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setenv("https_proxy", "http://proxy.invalid:3128")  # a proxy may reach what TCP cannot
     assert labelled._unreachable_hub() is None
-    monkeypatch.setenv("no_proxy", "127.0.0.1")  # ...but not a host it is told to leave alone
-    assert labelled._unreachable_hub() == "127.0.0.1"
+    for exempt in ("127.0.0.1", "localhost,127.0.0.1:9"):  # ...but not a host it is told to leave alone
+        monkeypatch.setenv("no_proxy", exempt)
+        assert labelled._unreachable_hub() == "127.0.0.1", exempt
 
 
 def test_builtin_errors(tmp_path):

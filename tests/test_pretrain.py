@@ -195,6 +195,8 @@ def test_resume_refuses_changed_options_by_name(tmp_path, tiny_run):
     assert cli(*fast_args(tiny_run, out, "--max-steps", "6", "--stop-after-steps", "2")).code == 0
     res = cli("pretrain", "--out", out, "--resume", "--max-steps", "12", "--lr", "0.01")
     assert_user_error(res, "--max-steps 12 (the run has 6)", "--lr 0.01", "another --out")
+    # a default typed where the run has another value is a change too (it was once neither refused nor applied)
+    assert_user_error(cli("pretrain", "--out", out, "--resume", "--batch-size", "16"), "--batch-size 16 (the run has 2)")
     assert not (out / "final").exists()
     # the first command line repeated with --resume (and a default typed out) is no change
     res = cli(*fast_args(tiny_run, out, "--max-steps", "6", "--precision", "auto", "--resume",
@@ -202,7 +204,8 @@ def test_resume_refuses_changed_options_by_name(tmp_path, tiny_run):
     assert res.code == 0, res.err
     assert "stopped at step 4" in res.out
     # how this invocation runs may change; the run itself finishes as started
-    res = cli("pretrain", "--out", out, "--resume", "--max-steps", "6", "--no-progress", "--log-interval", "1")
+    res = cli("pretrain", "--out", out, "--resume", "--max-steps", "6", "--no-progress", "--log-interval", "1",
+              "--precision", "fp32")  # another machine may run another precision
     assert res.code == 0, res.err
     assert [r["step"] for r in metrics_rows(out) if "loss" in r][-1] == 6
     assert_user_error(cli("pretrain", "--out", tmp_path / "nothing", "--resume"), "no run to continue")

@@ -135,10 +135,11 @@ def _unreachable_hub(timeout: float = 3.0) -> str | None:
     # Proxies as the hub client finds them (requests and httpx both ask urllib): the *_proxy variables in either
     # case, and the system settings on macOS and Windows; a host that NO_PROXY exempts is reached directly.
     proxies = urllib.request.getproxies()
-    if any(proxies.get(k) for k in ("https", "http", "all")) and not urllib.request.proxy_bypass(host):
+    port = url.port or (80 if url.scheme == "http" else 443)
+    if any(proxies.get(k) for k in ("https", "http", "all")) and not urllib.request.proxy_bypass(f"{host}:{port}"):
         return None
     try:
-        with socket.create_connection((host, url.port or (80 if url.scheme == "http" else 443)), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout):
             return None
     except OSError:
         return host

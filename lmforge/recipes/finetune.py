@@ -26,6 +26,10 @@ from lmforge.errors import LmforgeError
 TASK_NAMES = ["classify", "qa", "sft", "translate"]
 
 
+# Options whose default means "work it out"; the worked-out value is saved in config.yaml (see C.resume_base).
+RESOLVED = ("lr", "batch_size", "max_steps")
+
+
 @dataclass
 class FinetuneConfig:
     task: str = opt("", "what to fine-tune for", choices=TASK_NAMES)
@@ -634,4 +638,4 @@ def run(cfg: FinetuneConfig) -> dict:
 
 def base_config(args) -> dict:
     """--resume: the run's saved config is the base."""
-    return C.resume_base(args, FinetuneConfig)
+    return C.resume_base(args, FinetuneConfig, RESOLVED)

@@ -23,6 +23,10 @@ from lmforge.config import opt
 from lmforge.errors import LmforgeError, closest
 
 
+# Options whose default means "work it out"; the worked-out value is saved in config.yaml (see C.resume_base).
+RESOLVED = ("max_steps", "lr", "warmup_steps", "context", "eval_interval")
+
+
 @dataclass
 class PretrainConfig:
     data: list[str] = opt([], "text files, folders of .txt/.jsonl, or built-in corpora (shakespeare, peoples_daily)")
@@ -299,7 +303,9 @@ def run(cfg: PretrainConfig) -> dict:
             ckpt.set_rng_state(saved["rng"], rt.rank)
         eval_interval = cfg.eval_interval or max(1, math.ceil(max_steps / n_evals))
         # 10 times per run even where --max-minutes evaluates less often: a killed run keeps its work
-        save_interval = cfg.save_interval or cfg.eval_interval or max(1, math.ceil(max_steps / 10))
+        # (on --resume, cfg.eval_interval is the saved, worked-out one: not a cadence the user asked for)
+        save_interval = cfg.save_interval or (resume_from is None and cfg.eval_interval) or max(1, math.ceil(
+            max_steps / 10))
         resolved = dict(C.to_dict(cfg), max_steps=max_steps, lr=lr, warmup_steps=warmup, context=context,
                         precision=precision, eval_interval=eval_interval, save_interval=save_interval)
         config_yaml = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
@@ -459,4 +465,4 @@ def measure_step_seconds(train_step, model, optimizer, n_steps: int = 6) -> floa
 
 def base_config(args) -> dict:
     """--resume: the run's saved config is the base."""
-    return C.resume_base(args, PretrainConfig)
+    return C.resume_base(args, PretrainConfig, RESOLVED)
