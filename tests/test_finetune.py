@@ -191,6 +191,25 @@ def test_resume_matches_uninterrupted(tiny_bert, sentiment, tmp_path):
     assert ma["validation"]["accuracy"] == mb["validation"]["accuracy"] and ma["best_step"] == mb["best_step"]
 
 
+def test_fp16_trains_through_a_grad_scaler(tiny_bert, sentiment, tmp_path, monkeypatch):
+    """fp16 (GPUs without bf16) scales the loss; the scale is saved with the checkpoint and a resume finishes."""
+    from lmforge.train import common
+
+    monkeypatch.setattr(common, "resolve_precision", lambda precision, device: "fp16")
+    train, val = sentiment
+    out = tmp_path / "fp16"
+    res = cli("finetune", "--task", "classify", "--model", tiny_bert, "--train", train, "--validation", val,
+              "--batch-size", "4", "--max-steps", "6", "--evals-per-epoch", "1", "--no-progress", "--out", out,
+              "--stop-after-steps", "3")
+    assert res.code == 0, res.err
+    assert "precision fp16" in res.out
+    state = torch.load(out / "checkpoints" / "step-000003" / "lmforge_state" / "trainer.pt", weights_only=True)
+    assert state["grad_scaler"]["scale"] > 0
+    res = cli("finetune", "--out", out, "--resume", "--no-progress")
+    assert res.code == 0, res.err
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 6
+
+
 def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_bert, sentiment, tmp_path):
     train, val = sentiment
     out = tmp_path / "run"

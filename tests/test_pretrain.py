@@ -226,6 +226,25 @@ def test_resume_keeps_resolved_values_when_defaults_are_typed(tmp_path, tiny_run
     assert yaml.safe_load((out / "config.yaml").read_text())["eval_interval"] == 3
 
 
+def test_fp16_scales_the_loss_and_resumes_its_scale(tmp_path, tiny_run, monkeypatch):
+    """fp16 (picked on GPUs without bf16) trains through a GradScaler, whose scale is saved for resume. A CPU
+    autocasts to fp16 too, so the path runs here with the precision forced."""
+    from lmforge.train import checkpoint as ckpt
+    from lmforge.train import common
+
+    monkeypatch.setattr(common, "resolve_precision", lambda precision, device: "fp16")
+    out = tmp_path / "fp16"
+    res = cli(*fast_args(tiny_run, out, "--max-steps", "4", "--stop-after-steps", "2", "--log-interval", "1"))
+    assert res.code == 0, res.err
+    assert "precision fp16" in res.out
+    state = ckpt.load_trainer_state(out / "checkpoints" / "step-000002")
+    assert state["grad_scaler"]["scale"] > 0 and state["grad_scaler"]["_growth_tracker"] >= 1
+    res = cli("pretrain", "--out", out, "--resume")
+    assert res.code == 0, res.err
+    rows = [r for r in metrics_rows(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
+
+
 def test_resume_of_a_finished_run_is_harmless(tmp_path, tiny_run):
     """--resume after the run completed trains no further steps and keeps the log consistent."""
     out = tmp_path / "r"

@@ -310,8 +310,8 @@ def run(cfg: FinetuneConfig) -> dict:
     from lmforge.tokenizer.bpe import load_tokenizer
     from lmforge.train import checkpoint as ckpt
     from lmforge.train.common import (MetricsLog, StopOnSignal, autocast, build_optimizer, format_duration,
-                                      full_state, load_optimizer_state, resolve_precision, setup_runtime,
-                                      shard_model, write_atomic)
+                                      full_state, grad_scaler, load_optimizer_state, resolve_precision,
+                                      setup_runtime, shard_model, write_atomic)
 
     for name in ("task", "model", "train", "out"):
         if not getattr(cfg, name):
@@ -403,6 +403,7 @@ def run(cfg: FinetuneConfig) -> dict:
 
     step, best = 0, {"value": None, "step": None, "checkpoint": None}
     window = [0.0, 0]  # training loss summed since the last log line, and its step count
+    scaler = grad_scaler(precision, rt.device)
     history: list[dict] = []
     if resume_from is not None:
         state = ckpt.load_trainer_state(resume_from)
@@ -413,6 +414,8 @@ def run(cfg: FinetuneConfig) -> dict:
         load_optimizer_state(model, optimizer, state["optimizer"], sharded)
         plan["max_steps"] = state["max_steps"]
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("grad_scaler") and scaler.is_enabled():
+            scaler.load_state_dict(state["grad_scaler"])
         ckpt.set_rng_state(state["rng"], rt.rank)
         step, best, history = state["step"], state["best"], state["history"]
         window = list(state["loss_window"])
@@ -478,7 +481,7 @@ def run(cfg: FinetuneConfig) -> dict:
             return None
         state = {"optimizer": optim_state if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": rngs, "step": step, "max_steps": plan["max_steps"], "world_size": rt.world_size,
-                 "best": best, "history": history,
+                 "best": best, "history": history, "grad_scaler": scaler.state_dict(),
                  "loss_window": list(window),
                  "data_position": {"epoch": step * cfg.grad_accum // batches_per_epoch,
                                    "batch": step * cfg.grad_accum % batches_per_epoch, "seed": cfg.seed}}
@@ -523,12 +526,14 @@ def run(cfg: FinetuneConfig) -> dict:
                     batch = {k: v.to(rt.device) for k, v in task.collate([feats[i] for i in idx]).items()}
                     with amp():
                         loss = task.loss(train_model, batch) / cfg.grad_accum
-                    loss.backward()
+                    scaler.scale(loss).backward()
                     loss_sum += loss.item()
                     seen += len(idx) * rt.world_size
+                scaler.unscale_(optimizer)  # clip the true gradients
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-                optimizer.step()
+                scaler.step(optimizer)  # skipped where fp16 overflowed, and the scale backs off
+                scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1

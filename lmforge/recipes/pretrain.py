@@ -120,8 +120,8 @@ def run(cfg: PretrainConfig) -> dict:
     from lmforge.tokenizer.bpe import load_tokenizer, token_byte_lengths
     from lmforge.train import checkpoint as ckpt
     from lmforge.train.common import (MetricsLog, StopOnSignal, autocast, build_optimizer, format_duration,
-                                      full_state, load_optimizer_state, resolve_precision, setup_runtime,
-                                      shard_model, warmup_cosine)
+                                      full_state, grad_scaler, load_optimizer_state, resolve_precision,
+                                      setup_runtime, shard_model, warmup_cosine)
 
     if not cfg.out:
         raise LmforgeError("--out is required (the folder for checkpoints and the final model)")
@@ -193,6 +193,7 @@ def run(cfg: PretrainConfig) -> dict:
         train_model = torch.compile(train_model)
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * context * rt.world_size
+    scaler = grad_scaler(precision, rt.device)
 
     def micro_loss(x, y):
         with autocast(precision, rt.device):
@@ -205,11 +206,13 @@ def run(cfg: PretrainConfig) -> dict:
             x, y = get_batch(data.train, cfg.batch_size, context, cfg.seed, step, micro, rt.rank)
             x, y = x.to(rt.device), y.to(rt.device)
             loss = micro_loss(x, y) / cfg.grad_accum
-            loss.backward()
+            scaler.scale(loss).backward()
             total += loss.item()
+        scaler.unscale_(optimizer)  # clip the true gradients
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped where fp16 overflowed, and the scale backs off
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return total
@@ -228,6 +231,7 @@ def run(cfg: PretrainConfig) -> dict:
     elif not max_steps and cfg.max_minutes > 0:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)  # constant LR for the probe
         per_step = measure_step_seconds(train_step, model, optimizer)  # the steps are fitted after evaluation 0
+        scaler = grad_scaler(precision, rt.device)  # nor does the probe's loss scale carry over
     elif not max_steps:
         max_steps = 1000
 
@@ -271,6 +275,7 @@ def run(cfg: PretrainConfig) -> dict:
             return None
         state = {"optimizer": optim_state if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": rngs, "step": step, "max_steps": max_steps, "world_size": rt.world_size,
+                 "grad_scaler": scaler.state_dict(),
                  "data_position": {"step": step, "seed": cfg.seed}}
         def write(folder: Path):
             model.save_hf(folder, model_state)
@@ -300,6 +305,8 @@ def run(cfg: PretrainConfig) -> dict:
         if resume_from is not None:
             load_optimizer_state(model, optimizer, saved["optimizer"], sharded)
             scheduler.load_state_dict(saved["scheduler"])
+            if saved.get("grad_scaler") and scaler.is_enabled():
+                scaler.load_state_dict(saved["grad_scaler"])
             ckpt.set_rng_state(saved["rng"], rt.rank)
         eval_interval = cfg.eval_interval or max(1, math.ceil(max_steps / n_evals))
         # 10 times per run even where --max-minutes evaluates less often: a killed run keeps its work

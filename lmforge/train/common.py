@@ -139,6 +139,13 @@ def autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def grad_scaler(precision: str, device: torch.device) -> "torch.amp.GradScaler":
+    """Loss scaling for fp16, whose 5-bit exponent flushes small gradients to zero (bf16 has fp32's range and needs
+    none). Disabled, it passes everything through, so the loops call it whatever the precision. FSDP2's sharded
+    gradients take the plain scaler (FSDP1 needed its own)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
 # ---- sharding across ranks (FSDP) ------------------------------------------------------------------------
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
