@@ -88,6 +88,15 @@ class Task:
         return {}
 
 
+def dtype_kw(dtype) -> dict:
+    """from_pretrained's dtype argument under its name in the installed transformers (`torch_dtype` before 5).
+    Training loads in float32 whatever the checkpoint stores (fp16 for OPT or Llama-2): AdamW wants float32
+    master weights, and fp16 loss scaling refuses fp16 gradients."""
+    import transformers
+
+    return {"dtype": dtype} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": dtype}
+
+
 def pad_batch(feats: list[dict], keys_pad: dict[str, int], multiple: int = 1) -> dict[str, torch.Tensor]:
     """Right-pad each listed key to the batch's longest (rounded up to `multiple`) -> (B, T) LongTensors."""
     longest = max(len(f["input_ids"]) for f in feats)

@@ -11,7 +11,7 @@ import torch
 from lmforge.data.labelled import Loaded, build_label_map, check_labels
 from lmforge.errors import LmforgeError
 from lmforge.evaluate.task_metrics import classification_metrics, regression_metrics
-from lmforge.tasks.base import EvalResult, Task, pad_batch
+from lmforge.tasks.base import EvalResult, Task, dtype_kw, pad_batch
 
 
 class ClassifyTask(Task):
@@ -67,7 +67,7 @@ class ClassifyTask(Task):
             num_labels=len(self.labels), problem_type="single_label_classification",
             id2label={i: str(lab) for i, lab in enumerate(self.labels)},
             label2id={str(lab): i for i, lab in enumerate(self.labels)})
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kw)
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kw, **dtype_kw(dtype or torch.float32))
         # Decoder classifiers read the last non-pad token: they must know the pad id.
         model.config.pad_token_id = self.tokenizer.pad_token_id
         return model

@@ -22,7 +22,7 @@ import torch
 from lmforge.data.labelled import Loaded
 from lmforge.errors import LmforgeError
 from lmforge.evaluate.task_metrics import squad_metrics
-from lmforge.tasks.base import EvalResult, Task, pad_batch
+from lmforge.tasks.base import EvalResult, Task, dtype_kw, pad_batch
 
 
 # ----------------------------------------------------------------------------------------------- windows
@@ -255,9 +255,8 @@ class QATask(Task):
     def load_model(self, path, dtype=None):
         from transformers import AutoModelForQuestionAnswering
 
-        kwargs = {"dtype": dtype} if dtype is not None else {}
         try:
-            return AutoModelForQuestionAnswering.from_pretrained(path, **kwargs)
+            return AutoModelForQuestionAnswering.from_pretrained(path, **dtype_kw(dtype or torch.float32))
         except ValueError as e:
             if "Unrecognized configuration class" in str(e):
                 raise LmforgeError(f"{path}: this architecture has no question-answering head in transformers; "

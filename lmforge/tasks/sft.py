@@ -18,7 +18,7 @@ import torch
 from lmforge.data.labelled import Loaded
 from lmforge.errors import LmforgeError
 from lmforge.evaluate.metrics import perplexity
-from lmforge.tasks.base import EvalResult, Task, pad_batch
+from lmforge.tasks.base import EvalResult, Task, dtype_kw, pad_batch
 from lmforge.tokenizer.bpe import DEFAULT_CHAT_TEMPLATE
 from lmforge.train.common import sharded_generation
 
@@ -140,13 +140,7 @@ def load_causal(path, dtype=None):
     """AutoModelForCausalLM in float32 unless told otherwise (AdamW wants float32 master weights)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path), **_dtype_kw(dtype or torch.float32))
-
-
-def _dtype_kw(dtype) -> dict:
-    import transformers
-
-    return {"dtype": dtype} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": dtype}
+    return AutoModelForCausalLM.from_pretrained(str(path), **dtype_kw(dtype or torch.float32))
 
 
 # ------------------------------------------------------------------------------------------ masking
