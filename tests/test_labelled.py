@@ -404,6 +404,8 @@ def test_offline_mode_and_proxies_are_left_to_datasets(no_hub, monkeypatch):
     for exempt in ("127.0.0.1", "localhost,127.0.0.1:9"):  # ...but not a host it is told to leave alone
         monkeypatch.setenv("no_proxy", exempt)
         assert labelled._unreachable_hub() == "127.0.0.1", exempt
+    monkeypatch.setenv("no_proxy", ".0.0.1")  # a suffix: clients disagree on it, so datasets is asked
+    assert labelled._unreachable_hub() is None
 
 
 def test_builtin_errors(tmp_path):

@@ -133,10 +133,13 @@ def _unreachable_hub(timeout: float = 3.0) -> str | None:
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host = url.hostname or "huggingface.co"
     # Proxies as the hub client finds them (requests and httpx both ask urllib): the *_proxy variables in either
-    # case, and the system settings on macOS and Windows; a host that NO_PROXY exempts is reached directly.
+    # case, and the system settings on macOS and Windows. Only a host that NO_PROXY names exactly (or "*") is
+    # probed directly: the clients read suffixes such as ".huggingface.co" differently, and guessing wrong would
+    # call a hub reached through a proxy unreachable.
     proxies = urllib.request.getproxies()
     port = url.port or (80 if url.scheme == "http" else 443)
-    if any(proxies.get(k) for k in ("https", "http", "all")) and not urllib.request.proxy_bypass(f"{host}:{port}"):
+    exempt = {e.strip().lower() for e in proxies.get("no", "").split(",")}
+    if any(proxies.get(k) for k in ("https", "http", "all")) and not exempt & {"*", host.lower(), f"{host}:{port}"}:
         return None
     try:
         with socket.create_connection((host, port), timeout=timeout):
