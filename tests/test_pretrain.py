@@ -195,7 +195,7 @@ def test_resume_refuses_changed_options_by_name(tmp_path, tiny_run):
     assert cli(*fast_args(tiny_run, out, "--max-steps", "6", "--stop-after-steps", "2")).code == 0
     res = cli("pretrain", "--out", out, "--resume", "--max-steps", "12", "--lr", "0.01")
     assert_user_error(res, "--max-steps 12 (the run has 6)", "--lr 0.01", "another --out")
-    # a default typed where the run has another value is a change too (it was once neither refused nor applied)
+    # a default typed where the run has another value is a change too (it was once applied silently, mid-run)
     assert_user_error(cli("pretrain", "--out", out, "--resume", "--batch-size", "16"), "--batch-size 16 (the run has 2)")
     assert not (out / "final").exists()
     # the first command line repeated with --resume (and a default typed out) is no change

@@ -139,7 +139,7 @@ def _unreachable_hub(timeout: float = 3.0) -> str | None:
     proxies = urllib.request.getproxies()
     port = url.port or (80 if url.scheme == "http" else 443)
     exempt = {e.strip().lower() for e in proxies.get("no", "").split(",")}
-    if any(proxies.get(k) for k in ("https", "http", "all")) and not exempt & {"*", host.lower(), f"{host}:{port}"}:
+    if any(proxies.get(k) for k in ("https", "http", "all")) and not exempt & {"*", host, f"{host}:{port}"}:
         return None
     try:
         with socket.create_connection((host, port), timeout=timeout):

@@ -414,8 +414,7 @@ def run(cfg: FinetuneConfig) -> dict:
         load_optimizer_state(model, optimizer, state["optimizer"], sharded)
         plan["max_steps"] = state["max_steps"]
         scheduler.load_state_dict(state["scheduler"])
-        if state.get("grad_scaler") and scaler.is_enabled():
-            scaler.load_state_dict(state["grad_scaler"])
+        scaler = grad_scaler(precision, rt.device, state.get("grad_scaler"))
         ckpt.set_rng_state(state["rng"], rt.rank)
         step, best, history = state["step"], state["best"], state["history"]
         window = list(state["loss_window"])

@@ -193,7 +193,7 @@ def run(cfg: PretrainConfig) -> dict:
         train_model = torch.compile(train_model)
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * context * rt.world_size
-    scaler = grad_scaler(precision, rt.device)
+    scaler = grad_scaler(precision, rt.device)  # the --max-minutes probe's; the run's is made below
 
     def micro_loss(x, y):
         with autocast(precision, rt.device):
@@ -231,9 +231,9 @@ def run(cfg: PretrainConfig) -> dict:
     elif not max_steps and cfg.max_minutes > 0:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)  # constant LR for the probe
         per_step = measure_step_seconds(train_step, model, optimizer)  # the steps are fitted after evaluation 0
-        scaler = grad_scaler(precision, rt.device)  # nor does the probe's loss scale carry over
     elif not max_steps:
         max_steps = 1000
+    scaler = grad_scaler(precision, rt.device, saved.get("grad_scaler"))  # as saved; nor does the probe's carry over
 
     log = MetricsLog(out, enabled=rt.is_main)
     if rt.is_main:
@@ -305,8 +305,6 @@ def run(cfg: PretrainConfig) -> dict:
         if resume_from is not None:
             load_optimizer_state(model, optimizer, saved["optimizer"], sharded)
             scheduler.load_state_dict(saved["scheduler"])
-            if saved.get("grad_scaler") and scaler.is_enabled():
-                scaler.load_state_dict(saved["grad_scaler"])
             ckpt.set_rng_state(saved["rng"], rt.rank)
         eval_interval = cfg.eval_interval or max(1, math.ceil(max_steps / n_evals))
         # 10 times per run even where --max-minutes evaluates less often: a killed run keeps its work

@@ -139,11 +139,14 @@ def autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def grad_scaler(precision: str, device: torch.device) -> "torch.amp.GradScaler":
+def grad_scaler(precision: str, device: torch.device, state: dict | None = None) -> "torch.amp.GradScaler":
     """Loss scaling for fp16, whose 5-bit exponent flushes small gradients to zero (bf16 has fp32's range and needs
-    none). Disabled, it passes everything through, so the loops call it whatever the precision. FSDP2's sharded
-    gradients take the plain scaler (FSDP1 needed its own)."""
-    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    none), resumed from a checkpoint's `state`. Disabled, it passes everything through, so the loops call it
+    whatever the precision. FSDP2's sharded gradients take the plain scaler (FSDP1 needed its own)."""
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    if state and scaler.is_enabled():  # a disabled scaler saves {}: a run resumed in fp16 from bf16 starts afresh
+        scaler.load_state_dict(state)
+    return scaler
 
 
 # ---- sharding across ranks (FSDP) ------------------------------------------------------------------------
