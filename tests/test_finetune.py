@@ -307,10 +307,50 @@ def test_bad_rows_are_named_or_skipped(tiny_bert, tmp_path):
     assert res.code == 0, res.err
     assert "skipped 2 bad row" in res.out
 
-    val = _write_jsonl(tmp_path / "val.jsonl", [{"text": "meh", "label": 7}])
-    res = cli("finetune", "--task", "classify", "--model", tiny_bert, "--train", _write_jsonl(tmp_path / "t.jsonl", rows),
+    val = _write_jsonl(tmp_path / "val.jsonl", [{"text": "meh", "label": 7}, {"text": "fine", "label": 1}])
+    good = _write_jsonl(tmp_path / "t.jsonl", rows)
+    res = cli("finetune", "--task", "classify", "--model", tiny_bert, "--train", good,
               "--validation", val, "--out", tmp_path / "o2", "--max-steps", "1", "--no-progress")
     assert_user_error(res, "val.jsonl:1", "never seen in training")
+    assert not (tmp_path / "o2").exists()  # refused before anything was written
+    res = cli("finetune", "--task", "classify", "--model", tiny_bert, "--train", good, "--validation", val,
+              "--out", tmp_path / "o2", "--max-steps", "1", "--no-progress", "--skip-bad-rows")
+    assert res.code == 0, res.err
+    assert "val.jsonl:1: label 7 never seen in training" in res.out
+    assert json.loads((tmp_path / "o2" / "metrics.json").read_text())["validation"]["n"] == 1
+
+    mixed = _write_jsonl(tmp_path / "mixed.jsonl", rows + [{"text": "so so", "label": "1"}])
+    assert_user_error(cli("finetune", "--task", "classify", "--model", tiny_bert, "--train", mixed, "--out",
+                          tmp_path / "o3", "--max-steps", "1", "--no-progress"),
+                      "mixed.jsonl:11:", "would be two classes with one name")
+
+
+def test_pairs_predict_as_they_were_trained(tiny_bert, tmp_path):
+    rows = [{"premise": t, "hypothesis": h, "label": int(h == "yes")} for t in POS + NEG for h in ("yes", "no")]
+    out = tmp_path / "pairs"
+    res = cli("finetune", "--task", "classify", "--model", tiny_bert, "--train", _write_jsonl(tmp_path / "t.jsonl", rows),
+              "--out", out, "--max-steps", "2", "--batch-size", "8", "--no-progress")
+    assert res.code == 0, res.err
+    same_premise = [{"premise": "I loved it", "hypothesis": "yes"}, {"premise": "I loved it", "hypothesis": "no"}]
+    for rows_in in (same_premise, [dict(r, label=1) for r in same_premise]):  # unlabelled, and labelled
+        pred = cli("predict", "--model", out, "--input", _write_jsonl(tmp_path / "in.jsonl", rows_in))
+        assert pred.code == 0, pred.err
+        got = [json.loads(line) for line in pred.out.splitlines()]
+        assert [g["text_pair"] for g in got] == ["yes", "no"]
+        assert got[0]["scores"] != got[1]["scores"]  # the second text is read, not dropped
+
+
+def test_eval_splits_fail_before_out_is_written(tiny_run, tmp_path):
+    chats = [{"messages": [{"role": "user", "content": f"hello {i}"}, {"role": "assistant", "content": "hi"}]}
+             for i in range(8)]
+    train = _write_jsonl(tmp_path / "train.jsonl", chats)
+    long = _write_jsonl(tmp_path / "long.jsonl", [{"messages": [{"role": "user", "content": "word " * 200},
+                                                                {"role": "assistant", "content": "ok"}]}])
+    out = tmp_path / "sft"
+    res = cli("finetune", "--task", "sft", "--model", tiny_run.final, "--train", train, "--test", long,
+              "--out", out, "--max-steps", "1", "--no-progress", "--max-length", "32")
+    assert_user_error(res, "long.jsonl", "--max-length")
+    assert not out.exists()  # not after training, with checkpoints and no final/
 
 
 def test_classify_on_a_saved_datasets_folder_uses_its_splits(tiny_bert, tmp_path):
@@ -416,6 +456,18 @@ def test_translate_seq2seq_end_to_end(tiny_t5, tmp_path):
     ev = cli("evaluate", "--model", out, "--data", data)
     assert ev.code == 0, ev.err
     assert "bleu" in json.loads(ev.out)
+    # a file that lists es before en is read in the trained direction, by finetune, evaluate and predict
+    flipped = _write_jsonl(tmp_path / "flipped.jsonl", [{"es": "el perro", "en": "the dog"}])
+    ev = cli("evaluate", "--model", out, "--data", flipped, "--predictions", tmp_path / "p.jsonl")
+    assert ev.code == 0, ev.err
+    assert json.loads((tmp_path / "p.jsonl").read_text())["source"] == "the dog"
+    pred = cli("predict", "--model", out, "--input", flipped, "--max-new-tokens", "2")
+    assert pred.code == 0, pred.err
+    assert json.loads(pred.out)["source"] == "the dog"
+    res = cli("finetune", "--task", "translate", "--model", model_dir, "--train", data, "--validation", flipped,
+              "--out", tmp_path / "tr2", "--max-steps", "1", "--no-progress", "--max-new-tokens", "2")
+    assert res.code == 0, res.err
+    assert json.loads((tmp_path / "tr2" / "predictions.jsonl").read_text())["source"] == "the dog"
 
 
 def test_regression_and_gradient_checkpointing(tiny_bert, tmp_path):
@@ -443,3 +495,13 @@ def test_qa_lora(tiny_bert, tmp_path):
     from transformers import AutoModelForQuestionAnswering
 
     AutoModelForQuestionAnswering.from_pretrained(out / "final")
+
+
+def test_gold_labels_match_the_saved_classes_by_value():
+    """A classifier trained on a CSV's '1.0'/'2.0' classes is evaluated on a JSON file's 1 and 2."""
+    from lmforge.tasks.classify import ClassifyTask
+
+    t = ClassifyTask.__new__(ClassifyTask)
+    t.regression, t.labels = False, ["1.0", "2.0", "neg"]
+    t.label_index = {lab: i for i, lab in enumerate(t.labels)}
+    assert [t.gold(x) for x in (1, 2.0, "1.0", "neg", 3, True)] == ["1.0", "2.0", "1.0", "neg", 3, True]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.data.labelled import (BUILTIN_SETS, build_label_map, check_labels, holdout, load_examples,
+from lmforge.data.labelled import (BUILTIN_SETS, Loaded, build_label_map, check_labels, holdout, load_examples,
                                    input_field_guesses, load_questions, load_texts,
                                    resolve_data)
 from lmforge.errors import LmforgeError
@@ -502,12 +502,27 @@ def test_build_label_map_needs_two_classes():
         build_label_map(["pos", "pos"])
 
 
-def test_unseen_validation_label(tmp_path):
-    check_labels(["neg", "pos"], ["neg", "pos"], "val.jsonl", [1, 2])
+def _loaded(labels, lines, source="val.jsonl", by_row=False):
+    return Loaded([{"text": "t", "label": x} for x in labels], source, list(lines), by_row=by_row)
+
+
+def test_unseen_validation_label(tmp_path, capsys):
+    check_labels(["neg", "pos"], ["neg", "pos"], _loaded(["neg", "pos"], [1, 2]))
     with pytest.raises(LmforgeError) as exc:
-        check_labels(["neg", "postive", "meh"], ["neg", "pos"], "val.jsonl", [1, 4, 7])
+        check_labels(["neg", "postive", "meh"], ["neg", "pos"], _loaded(["neg", "postive", "meh"], [1, 4, 7]))
     assert_has(str(exc.value), "val.jsonl:4:", "label 'postive' never seen in training",
                "did you mean 'pos'", "training labels: 'neg', 'pos'", "1 more")
+    with pytest.raises(LmforgeError, match=r"val\.parquet:row 4: label 'postive'"):  # Parquet counts rows
+        check_labels(["neg", "postive"], ["neg", "pos"], _loaded(["neg", "postive"], [1, 4], "val.parquet", True))
+    # --skip-bad-rows: the rows are dropped and reported, the rest kept
+    loaded = _loaded(["neg", "postive", "pos", "meh"], [1, 4, 5, 7])
+    check_labels([r["label"] for r in loaded.rows], ["neg", "pos"], loaded, skip=True)
+    assert [r["label"] for r in loaded.rows] == ["neg", "pos"] and loaded.line_numbers == [1, 5]
+    assert loaded.skipped == ["val.jsonl:4: label 'postive' never seen in training",
+                              "val.jsonl:7: label 'meh' never seen in training"]
+    assert "skipped 2 row(s) with labels never seen in training" in capsys.readouterr().out
+    with pytest.raises(LmforgeError, match="never seen"):  # every row unseen: nothing would be left to score
+        check_labels(["meh"], ["neg", "pos"], _loaded(["meh"], [1]), skip=True)
 
 
 def test_holdout_is_deterministic_and_keeps_duplicates_together():
@@ -553,7 +568,7 @@ def test_load_texts_guesses_or_takes_the_named_field(tmp_path):
     bad = jsonl(tmp_path / "bad.jsonl", {"text": "fine"}, {"text": 3})
     with pytest.raises(LmforgeError) as exc:
         load_texts(str(bad))
-    assert_has(str(exc.value), "bad.jsonl:2", "no text field")
+    assert_has(str(exc.value), "bad.jsonl:2", "field 'text' must be a string, got a number")
 
 
 def test_load_texts_reads_inside_a_translation_object(tmp_path):
@@ -592,3 +607,105 @@ def test_input_field_guesses_put_the_trained_field_first():
     assert "review" in input_field_guesses("classify") and "src" in input_field_guesses("translate")
     assert input_field_guesses("sft")[0] == "prompt" and input_field_guesses("qa") == ("text", "sentence", "source",
                                                                                        "prompt", "content")
+
+
+# ---- review findings (2026-12-02): each of these failed before its fix
+
+def test_csv_nan_label_is_refused_not_a_class(tmp_path):
+    f = write(tmp_path / "r.csv", "text,score\na,1.5\nb,2.5\nc,nan\nd,1.5\n")
+    assert_has(error(str(f), "classify"), "r.csv:4:", "field 'score' is nan")
+    assert [r["label"] for r in load_examples(str(f), "classify", skip_bad_rows=True).rows] == [1.5, 2.5, 1.5]
+
+
+def test_gzip_suffix_in_capitals_and_corrupt_gzip(tmp_path):
+    body = gzip.compress(b'{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n')
+    up = tmp_path / "UP.JSONL.GZ"
+    up.write_bytes(body)
+    assert len(load_examples(str(up), "classify")) == 2
+    bad = bytearray(body)
+    bad[12:17] = b"\xff" * 5
+    corrupt = tmp_path / "c.jsonl.gz"
+    corrupt.write_bytes(bytes(bad))
+    assert_has(error(str(corrupt), "classify"), "c.jsonl.gz: cannot read")
+
+
+def test_utf16_file_is_named_as_such(tmp_path):
+    f = tmp_path / "excel.csv"
+    f.write_bytes("text,label\ngood,1\n".encode("utf-16"))
+    assert_has(error(str(f), "classify"), "excel.csv: UTF-16 text", "iconv -f UTF-16")
+
+
+def test_a_pair_field_is_needed_in_every_record(tmp_path):
+    f = jsonl(tmp_path / "p.jsonl", {"sentence1": "a", "sentence2": "b", "label": 1},
+              {"sentence1": "c", "sentence2": None, "label": 0}, {"sentence1": "d", "label": 0})
+    assert_has(error(str(f), "classify"), "p.jsonl:2:", "field 'sentence2' must be a string, got null")
+    kept = load_examples(str(f), "classify", skip_bad_rows=True)
+    assert kept.line_numbers == [1] and len(kept.skipped) == 2 and "p.jsonl:3: no field 'sentence2'" in kept.skipped[1]
+
+
+def test_a_chat_must_start_with_a_user_turn(tmp_path):
+    f = jsonl(tmp_path / "c.jsonl", {"messages": [{"role": "system", "content": "s"},
+                                                  {"role": "assistant", "content": "Hello!"},
+                                                  {"role": "user", "content": "hi"}]})
+    assert_has(error(str(f), "sft"), "c.jsonl:1:", "field 'messages'[1]", "starts with an assistant turn")
+    with pytest.raises(LmforgeError, match="starts with an assistant turn"):  # predict's conversations too
+        load_texts(str(f), chat=True)
+
+
+def test_skip_bad_rows_skips_a_first_record_without_a_named_field(tmp_path):
+    f = jsonl(tmp_path / "d.jsonl", {"text": "a"}, {"text": "b", "label": 1}, {"text": "c", "label": 0})
+    kept = load_examples(str(f), "classify", {"label": "label"}, skip_bad_rows=True)
+    assert kept.line_numbers == [2, 3] and kept.skipped[0].endswith("no field 'label' (fields: text); set --label-field")
+    assert_has(error(str(f), "classify", {"label": "label"}), "d.jsonl:1:", "no field 'label'")  # without: refused
+
+
+def test_holdout_refuses_when_no_class_can_spare_an_example():
+    rows = [{"text": f"t{i}", "label": i} for i in range(5)]
+    with pytest.raises(LmforgeError, match="no class has an example to spare.*pass --validation"):
+        holdout(rows, [1, 2, 3, 4, 5], labels=[r["label"] for r in rows])
+
+
+def test_validation_is_read_in_the_training_direction(tmp_path):
+    train = load_examples(str(jsonl(tmp_path / "t.jsonl", {"en": "the house", "es": "la casa"})), "translate")
+    flipped = jsonl(tmp_path / "v.jsonl", {"es": "el perro", "en": "the dog"})
+    assert load_examples(str(flipped), "translate").rows == [{"source": "el perro", "target": "the dog"}]  # alone
+    val = load_examples(str(flipped), "translate", prefer=train.fields)
+    assert val.rows == [{"source": "the dog", "target": "el perro"}]
+    # a file without the trained columns is guessed as before
+    other = jsonl(tmp_path / "o.jsonl", {"source": "a", "target": "b"})
+    assert load_examples(str(other), "translate", prefer=train.fields).rows == [{"source": "a", "target": "b"}]
+
+
+def test_labels_that_would_share_a_name_are_refused(tmp_path):
+    from lmforge.data.labelled import check_label_names
+
+    mixed = load_examples(str(jsonl(tmp_path / "m.jsonl", {"text": "a", "label": "1"}, {"text": "b", "label": 0},
+                                    {"text": "c", "label": 1})), "classify")
+    with pytest.raises(LmforgeError) as exc:
+        check_label_names(mixed)
+    assert_has(str(exc.value), "m.jsonl:3:", "label 1 (a number) and label '1' (a string, at", "m.jsonl:1)")
+    check_label_names(load_examples(str(jsonl(tmp_path / "ok.jsonl", {"text": "a", "label": 1.0},
+                                              {"text": "b", "label": 1})), "classify"))  # 1.0 == 1: one class
+
+
+def test_prediction_inputs_name_their_line(tmp_path):
+    f = write(tmp_path / "p.jsonl", '{"text": "good film"}\n{"text": "bad film"\n')
+    with pytest.raises(LmforgeError, match=r"p\.jsonl:2: invalid JSON"):
+        load_texts(str(f))
+    q = write(tmp_path / "q.jsonl", '{"question": "Who?", "context": "Noah."}\n{"question": "Who?"\n')
+    with pytest.raises(LmforgeError, match=r"q\.jsonl:2: invalid JSON"):
+        load_questions(str(q))
+    pairs = jsonl(tmp_path / "pairs.jsonl", {"premise": "I loved it", "hypothesis": "good"},
+                  {"premise": "I loved it", "hypothesis": "bad"})
+    assert load_texts(str(pairs), guesses=("premise",), pair_field="hypothesis") == [
+        {"text": "I loved it", "text_pair": "good"}, {"text": "I loved it", "text_pair": "bad"}]
+    lone = jsonl(tmp_path / "lone.jsonl", {"premise": "x"})
+    with pytest.raises(LmforgeError, match=r"lone\.jsonl:1: no field 'hypothesis'.*text pairs"):
+        load_texts(str(lone), guesses=("premise",), pair_field="hypothesis")
+
+
+def test_qa_ids_may_be_whole_numbers(tmp_path):
+    row = {"question": "Who?", "context": "Noah built it.", "answers": {"text": ["Noah"], "answer_start": [0]}}
+    assert load_examples(str(jsonl(tmp_path / "q.jsonl", {**row, "id": 7.0})), "qa").rows[0]["id"] == "7"
+    assert_has(error(str(jsonl(tmp_path / "f.jsonl", {**row, "id": 7.5})), "qa"),
+               "field 'id' must be a string or a whole number, got 7.5")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -73,9 +74,9 @@ def resolve_sources(specs: list[str]) -> list[Source]:
 def read_bytes(path: Path) -> bytes:
     try:
         raw = path.read_bytes()
-        if path.name.endswith(".gz"):
+        if path.name.lower().endswith(".gz"):
             raw = gzip.decompress(raw)
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a gzip stream with corrupt data
         raise LmforgeError(f"{path}: cannot read ({e})") from None
     return raw
 
@@ -85,6 +86,9 @@ def decode_utf8(raw: bytes, path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
+        if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # Excel's "Unicode text", Windows Notepad's "Unicode"
+            raise LmforgeError(f"{path}: UTF-16 text, not UTF-8; convert the file, e.g. iconv -f UTF-16 -t UTF-8, "
+                               "or save it as 'CSV UTF-8'") from None
         line = raw.count(b"\n", 0, e.start) + 1
         col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
         raise LmforgeError(f"{path}:{line}:{col}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset "

@@ -48,9 +48,22 @@ class Loaded:
     line_numbers: list[int]  # 1-based line (Parquet: row) of each kept record in its file
     skipped: list[str] = field(default_factory=list)  # "file:line: reason" per skipped record
     fields: dict[str, str] = field(default_factory=dict)  # role -> input field used, e.g. {"text": "sentence"}
+    by_row: bool = False  # Parquet and `datasets` records are counted by row, not by line
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def loc(self, i: int) -> str:
+        """"file:line" (or "file:row N") of kept record i, as messages name it."""
+        n = self.line_numbers[i]
+        return f"{self.source}:row {n}" if self.by_row else f"{self.source}:{n}"
+
+    def drop(self, bad: dict[int, str]) -> None:
+        """Remove the records at the indices of `bad` ({index: reason}), recording each in `skipped`."""
+        self.skipped += [f"{self.loc(i)}: {reason}" for i, reason in sorted(bad.items())]
+        keep = [i for i in range(len(self.rows)) if i not in bad]
+        self.rows = [self.rows[i] for i in keep]
+        self.line_numbers = [self.line_numbers[i] for i in keep]
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -538,19 +551,24 @@ def _no_field(obj: dict, role: str, key: str | None = None, looked: tuple[str, .
     return (f"no {role} field{hint}: looked for {', '.join(looked)} {available}; set {_OPTION[role]}")
 
 
-def _resolve_fields(task: str, obj: dict, given: dict[str, str | None], loc: str) -> dict[str, str]:
-    """Role -> field name, from the explicit names and otherwise by guessing on the first record."""
+def _resolve_fields(task: str, obj: dict, given: dict[str, str | None], loc: str,
+                    prefer: dict[str, str] | None = None) -> dict[str, str]:
+    """Role -> field name, from the explicit names and otherwise by guessing on the first record. `prefer`
+    (the fields another file of the same run was read with) wins over guessing where this record has them."""
     def fail(msg: str):
         raise LmforgeError(f"{loc}: {msg}")
 
     if task == "translate":
-        return _resolve_translate(obj, given, fail)
+        return _resolve_translate(obj, given, fail, prefer or {})
     roles = {r.name: r for r in _ROLES[task]}
     out: dict[str, str] = {}
     for name, key in given.items():
         if key is not None:
             if key not in obj:
                 fail(_no_field(obj, name, key))
+            out[name] = key
+    for name, key in (prefer or {}).items():
+        if name in roles and name not in out and key in obj and key not in out.values():
             out[name] = key
     if task == "sft":
         if "messages" not in out and not ({"prompt", "response"} & set(out)):
@@ -591,13 +609,16 @@ def _resolve_fields(task: str, obj: dict, given: dict[str, str | None], loc: str
     return out
 
 
-def _resolve_translate(obj: dict, given: dict[str, str | None], fail) -> dict[str, str]:
+def _resolve_translate(obj: dict, given: dict[str, str | None], fail, prefer: dict[str, str]) -> dict[str, str]:
     out: dict[str, str] = {}
     inner, nested = obj, _find(obj, ("translation",))
     if nested is not None and isinstance(obj[nested], dict):
         inner = obj[nested]
         out["nested"] = nested
     src, tgt = given.get("source"), given.get("target")
+    if src is None and tgt is None and {prefer.get("source"), prefer.get("target")} <= set(inner):
+        # the training direction: a validation file that lists es before en is still scored en -> es
+        src, tgt = prefer["source"], prefer["target"]
     for role, key in (("source", src), ("target", tgt)):
         if key is not None and key not in inner:
             fail(_no_field(inner, role, key))
@@ -657,8 +678,9 @@ def _text(obj: dict, key: str, role: str, *, optional: bool = False) -> str | No
     return value
 
 
-def _number(text: str) -> int | float | str:
-    """CSV cells are text: '1' and '3.5' mean numbers there, anything else stays a string label."""
+def _number(text: str, key: str) -> int | float | str:
+    """CSV cells are text: '1' and '3.5' mean numbers there, anything else stays a string label; 'nan' and
+    'inf' are refused, as NaN and Infinity are in JSON (a score column with a gap, not a class)."""
     try:
         return int(text)
     except ValueError:
@@ -667,20 +689,22 @@ def _number(text: str) -> int | float | str:
         value = float(text)
     except ValueError:
         return text
-    return value if math.isfinite(value) else text
+    if not math.isfinite(value):
+        raise _Bad(f"field '{key}' is {text} (not a number)")
+    return value
 
 
 def _classify(rec: _Record, f: dict[str, str]) -> dict:
     obj = rec.obj
     text = _text(obj, f["text"], "text")
-    pair = _text(obj, f["text_pair"], "text_pair", optional=True) if "text_pair" in f else None
+    pair = _text(obj, f["text_pair"], "text_pair") if "text_pair" in f else None  # pairs in every record
     label = _get(obj, f["label"], "label")
     key = f["label"]
     if isinstance(label, str):
         if not label.strip():
             raise _Bad(f"field '{key}' is empty")
         if rec.text_cells:
-            label = _number(label.strip())
+            label = _number(label.strip(), key)
     elif label is None:
         raise _Bad(f"field '{key}' is null")
     elif isinstance(label, float) and not math.isfinite(label):
@@ -766,8 +790,10 @@ def _qa(rec: _Record, f: dict[str, str]) -> dict:
     context = _text(obj, f["context"], "context")
     answers = _qa_answers(rec, f, context)
     qid = obj.get(f["id"]) if "id" in f else None
-    if qid is not None and not isinstance(qid, (str, int)):
-        raise _Bad(f"field '{f['id']}' must be a string or a number, got {_type(qid)}")
+    if isinstance(qid, float) and qid.is_integer():
+        qid = int(qid)
+    if qid is not None and (not isinstance(qid, (str, int)) or isinstance(qid, bool)):
+        raise _Bad(f"field '{f['id']}' must be a string or a whole number, got {qid!r}")
     return {"id": None if qid in (None, "") else str(qid), "question": question, "context": context,
             "answers": answers}
 
@@ -813,6 +839,11 @@ def _chat_turns(turns: Any, key: str, text_cells: bool) -> list[dict]:
         if role != "system" and not content.strip():
             raise _Bad(f"field '{key}'[{i}]: {role} content is empty")
         messages.append({"role": role, "content": content})
+    first = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
+    if first is not None and messages[first]["role"] == "assistant":
+        # nothing to reply to: chat templates that check turn order refuse it, and generation has no prompt
+        raise _Bad(f"field '{key}'[{first}]: the conversation starts with an assistant turn; it must start with "
+                   "a user turn (after an optional system turn)")
     return messages
 
 
@@ -847,8 +878,10 @@ _NORMALISE = {"classify": _classify, "qa": _qa, "sft": _sft, "translate": _trans
 
 
 def load_examples(spec: str, task: str, fields: dict[str, str | None] | None = None, *, split: str = "train",
-                  skip_bad_rows: bool = False) -> Loaded:
-    """Read and normalise every record of a file or built-in set for `task` (see the module docstring)."""
+                  skip_bad_rows: bool = False, prefer: dict[str, str] | None = None) -> Loaded:
+    """Read and normalise every record of a file or built-in set for `task` (see the module docstring).
+    `prefer`: the fields the training data was read with (Loaded.fields), used where this file has them, so
+    that every split of a run reads the same columns (translation: the same direction)."""
     if task not in _NORMALISE:
         raise LmforgeError(f"unknown task '{task}'{closest(task, TASKS)} (tasks: {', '.join(TASKS)})")
     given = {k: v for k, v in (fields or {}).items()}
@@ -869,13 +902,18 @@ def load_examples(spec: str, task: str, fields: dict[str, str | None] | None = N
     lines: list[int] = []
     skipped: list[str] = []
     seen_ids: dict[str, int] = {}
+    by_row = False
     for rec in records:
+        by_row = rec.loc.startswith(f"{src}:row ")  # Parquet and datasets records
         try:
             if rec.error is not None:
                 raise _Bad(rec.error)
             if resolved is None:
+                lacks = next(((r, k) for r, k in given.items() if k is not None and k not in rec.obj), None)
+                if lacks and skip_bad_rows and task != "translate":
+                    raise _Bad(_no_field(rec.obj, *lacks))  # a named field missing from this record only, maybe
                 # the first readable record decides the fields; a file-wide problem, so never skipped
-                resolved = _resolve_fields(task, rec.obj, given, rec.loc)
+                resolved = _resolve_fields(task, rec.obj, given, rec.loc, prefer)
             row = normalise(rec, resolved)
             if task == "qa":
                 if row["id"] is None:
@@ -896,7 +934,8 @@ def load_examples(spec: str, task: str, fields: dict[str, str | None] | None = N
             raise LmforgeError(f"{src}: no examples left after skipping {len(skipped)} bad rows "
                                f"(first: {skipped[0]})")
         raise LmforgeError(f"{src}: no examples (file is empty)")
-    return Loaded(rows=rows, source=src, line_numbers=lines, skipped=skipped, fields=resolved or {})
+    return Loaded(rows=rows, source=src, line_numbers=lines, skipped=skipped, fields=resolved or {},
+                  by_row=by_row)
 
 
 _TEXT_FIELDS = ("text", "sentence", "source", "prompt", "content")
@@ -917,16 +956,17 @@ def input_field_guesses(task: str, trained: str | None = None) -> tuple[str, ...
 
 
 def load_texts(spec: str, field: str | None = None, guesses: tuple[str, ...] = _TEXT_FIELDS,
-               chat: bool = False, role: str = "text") -> list[dict]:
+               chat: bool = False, role: str = "text", pair_field: str | None = None) -> list[dict]:
     """Unlabelled inputs for prediction: each record's `field` (exactly, as explicit field names are), or without
     one the first of `guesses` it has (case-insensitively, as guessed fields are). With `chat`, a record with a
-    messages field (a conversation to continue) gives {"messages": [...]} instead."""
+    messages field (a conversation to continue) gives {"messages": [...]} instead. With `pair_field` (a
+    classifier of text pairs), each record's second text too, as {"text", "text_pair"}."""
     records, _, _ = _open(spec)
     looked = (field,) if field else guesses
     rows = []
     for rec in records:
         if rec.error:
-            raise LmforgeError(rec.error)
+            raise LmforgeError(f"{rec.loc}: {rec.error}")
         chat_key = _find(rec.obj, _ROLES["sft"][0].candidates) if chat and not field else None
         if chat_key is not None:
             try:
@@ -939,10 +979,18 @@ def load_texts(spec: str, field: str | None = None, guesses: tuple[str, ...] = _
         if nested is not None and isinstance(obj[nested], dict):
             obj = obj[nested]
         key = (field if field in obj else None) if field else _find(obj, guesses)
-        if key is None or not isinstance(obj[key], str):
+        if key is None:
             raise LmforgeError(f"{rec.loc}: no {role} field: looked for {', '.join(looked)} "
                                f"(fields: {', '.join(map(str, obj)) or 'none'}); set {_OPTION[role]}")
-        rows.append({"text": obj[key]})
+        if not isinstance(obj[key], str):
+            raise LmforgeError(f"{rec.loc}: field '{key}' must be a string, got {_type(obj[key])}")
+        row = {"text": obj[key]}
+        if pair_field is not None:
+            try:
+                row["text_pair"] = _text(obj, pair_field, "text_pair")
+            except _Bad as e:
+                raise LmforgeError(f"{rec.loc}: {e} (the model classifies text pairs)") from None
+        rows.append(row)
     return rows
 
 
@@ -954,7 +1002,7 @@ def load_questions(spec: str, question_field: str | None = None, context_field: 
     rows = []
     for rec in records:
         if rec.error:
-            raise LmforgeError(rec.error)
+            raise LmforgeError(f"{rec.loc}: {rec.error}")
         row = {}
         for role, named in (("question", question_field), ("context", context_field)):
             key = named if named is not None else _find(rec.obj, roles[role].candidates)
@@ -997,17 +1045,39 @@ def build_label_map(train_labels: list, other: dict[str, list] | None = None) ->
     return labels, False
 
 
-def check_labels(labels: list, label_list: list, source: str, line_numbers: list[int]) -> None:
-    """Every validation/test label must be a training label: the model has no output for a new one."""
+def check_labels(labels: list, label_list: list, loaded: Loaded, skip: bool = False) -> None:
+    """Every validation/test label must be a training label: the model has no output for a new one. With
+    `skip` (--skip-bad-rows), such records are dropped from `loaded` and reported instead."""
     known = set(label_list)
-    bad = [(n, x) for x, n in zip(labels, line_numbers) if x not in known]
+    bad = [i for i, x in enumerate(labels) if x not in known]
     if not bad:
         return
-    n, x = bad[0]
-    hint = closest(str(x), map(str, label_list)) if isinstance(x, str) else ""
     shown = ", ".join(map(repr, label_list[:20])) + (", ..." if len(label_list) > 20 else "")
+    if skip and len(bad) < len(labels):
+        loaded.drop({i: f"label {labels[i]!r} never seen in training" for i in bad})
+        print(f"{loaded.source}: skipped {len(bad)} row(s) with labels never seen in training (training labels: "
+              f"{shown}):\n  " + "\n  ".join(loaded.skipped[-len(bad):][:10]) + ("\n  ..." if len(bad) > 10 else ""),
+              flush=True)
+        return
+    x = labels[bad[0]]
+    hint = closest(str(x), map(str, label_list)) if isinstance(x, str) else ""
     more = f"; {len(bad) - 1} more rows have unseen labels" if len(bad) > 1 else ""
-    raise LmforgeError(f"{source}:{n}: label {x!r} never seen in training{hint} (training labels: {shown}){more}")
+    raise LmforgeError(f"{loaded.loc(bad[0])}: label {x!r} never seen in training{hint} (training labels: "
+                       f"{shown}){more}")
+
+
+def check_label_names(loaded: Loaded) -> None:
+    """Class labels become names (config.id2label): 1 and "1", or true and "True", would be two classes of
+    one name, which a saved model cannot tell apart. Numbers equal in value (1 and 1.0) are one class."""
+    first: dict[str, int] = {}
+    for i, row in enumerate(loaded.rows):
+        x = row["label"]
+        j = first.setdefault(str(x), i)
+        y = loaded.rows[j]["label"]
+        if x != y or isinstance(x, bool) != isinstance(y, bool):
+            raise LmforgeError(f"{loaded.loc(i)}: label {x!r} ({_type(x)}) and label {y!r} ({_type(y)}, at "
+                               f"{loaded.loc(j)}) would be two classes with one name; write every label the same "
+                               "way (all strings or all numbers)")
 
 
 def holdout(rows: list[dict], line_numbers: list[int], fraction: float = 0.1, seed: int = 0,
@@ -1043,7 +1113,10 @@ def holdout(rows: list[dict], line_numbers: list[int], fraction: float = 0.1, se
                 continue  # the last training examples of a class stay in training
             left.subtract(taken)
         val += group
-    if not val:  # every row is a copy of one, or each class has a single example: split copies after all
+    if not val and left is not None:
+        raise LmforgeError(f"cannot hold out a validation slice: no class has an example to spare ({n} training "
+                           f"examples, {len(left)} classes); pass --validation")
+    if not val:  # every row is a copy of one: split copies after all
         val = order[:n_val]
     held = set(val)
     return sorted(i for i in range(n) if i not in held), sorted(val)

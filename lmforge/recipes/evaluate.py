@@ -153,9 +153,10 @@ def evaluate_task(cfg: EvaluateConfig, path, task: str) -> int:
     if cfg.max_new_tokens:
         overrides["max_new_tokens"] = cfg.max_new_tokens
     with torch.no_grad():
-        t, model, tokenizer, _ = load_for_task(path, task, overrides)
+        t, model, tokenizer, extras = load_for_task(path, task, overrides)
         try:
-            loaded = load_examples(cfg.data[0], task, t.fields(), split="test")
+            # the columns training read, where the file has them (translation: the trained direction)
+            loaded = load_examples(cfg.data[0], task, t.fields(), split="test", prefer=extras.get("data_fields"))
         except LmforgeError as e:
             raise field_hint(e) from None
         if cfg.max_examples:

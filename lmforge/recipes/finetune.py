@@ -196,8 +196,9 @@ def _load_data(cfg: FinetuneConfig, task):
     """(train, {"validation": ..., "test": ...}) as Loaded sets, holding out a slice when needed."""
     from lmforge.data.labelled import Loaded, build_label_map, data_splits, holdout, load_examples
 
-    def load(spec, split):
-        data = load_examples(spec, cfg.task, task.fields(), split=split, skip_bad_rows=cfg.skip_bad_rows)
+    def load(spec, split, prefer=None):
+        data = load_examples(spec, cfg.task, task.fields(), split=split, skip_bad_rows=cfg.skip_bad_rows,
+                             prefer=prefer)
         if data.skipped:
             shown = "\n  ".join(data.skipped[:10])
             print(f"{data.source}: skipped {len(data.skipped)} bad row(s):\n  {shown}"
@@ -207,15 +208,19 @@ def _load_data(cfg: FinetuneConfig, task):
         return data
 
     def subset(data: Loaded, idx: list[int], name: str) -> Loaded:
-        return Loaded([data.rows[i] for i in idx], name, [data.line_numbers[i] for i in idx], [], data.fields)
+        return Loaded([data.rows[i] for i in idx], name, [data.line_numbers[i] for i in idx], [], data.fields,
+                      data.by_row)
 
     train = load(cfg.train, "train")
+    # the other splits read the columns training read where they have them: a validation file that happens to
+    # list es before en must still be scored en -> es
+    prefer = train.fields
     splits = data_splits(cfg.train)  # a built-in set's, or a datasets DatasetDict's own validation and test
     others = {}
     if cfg.validation:
-        others["validation"] = load(cfg.validation, "validation")
+        others["validation"] = load(cfg.validation, "validation", prefer)
     elif "validation" in splits:
-        others["validation"] = load(splits["validation"], "validation")
+        others["validation"] = load(splits["validation"], "validation", prefer)
     else:
         labels = [r.get("label") for r in train.rows] if cfg.task == "classify" else None
         if labels and build_label_map(labels)[1]:
@@ -226,9 +231,9 @@ def _load_data(cfg: FinetuneConfig, task):
         train = subset(train, tr, train.source)
         print(f"no --validation: holding out {len(va)} of {len(tr) + len(va)} training examples", flush=True)
     if cfg.test:
-        others["test"] = load(cfg.test, "test")
+        others["test"] = load(cfg.test, "test", prefer)
     elif "test" in splits:
-        others["test"] = load(splits["test"], "test")
+        others["test"] = load(splits["test"], "test", prefer)
     if cfg.max_train_examples and len(train) > cfg.max_train_examples:
         import numpy as np
         idx = sorted(np.random.default_rng(cfg.seed).choice(len(train), cfg.max_train_examples, replace=False))
@@ -368,6 +373,10 @@ def run(cfg: FinetuneConfig) -> dict:
     feats = task.features(train, train=True)
     if not feats:
         raise LmforgeError(f"{train.source}: no training examples left after tokenization")
+    for loaded in others.values():
+        # Evaluation builds its features when it runs; a split that cannot be (nothing within --max-length) must
+        # fail now, before anything is written to --out, not after training.
+        task.features(loaded, train=False)
     lengths = [len(f["input_ids"]) for f in feats]
     batch_size = cfg.batch_size or task.default_batch_size
     # Under torchrun each rank takes every world_size-th batch of the same seeded order (same count per rank).

@@ -53,8 +53,9 @@ def _rows(cfg: PredictConfig, task: str, t, extras: dict) -> list[dict]:
 def _input_rows(cfg: PredictConfig, task: str, t, extras: dict) -> list[dict]:
     from lmforge.data.labelled import input_field_guesses, input_role, load_examples, load_questions, load_texts
 
+    trained_fields = extras.get("data_fields") or {}  # as read from the training data, e.g. {"text": "review"}
     try:
-        return load_examples(cfg.input, task, t.fields()).rows
+        return load_examples(cfg.input, task, t.fields(), prefer=trained_fields).rows
     except LmforgeError as e:
         # Prediction inputs have no labels/answers/targets: fall back to the inputs alone.
         if "field" not in str(e):
@@ -63,10 +64,12 @@ def _input_rows(cfg: PredictConfig, task: str, t, extras: dict) -> list[dict]:
     if task == "qa":
         return load_questions(cfg.input, given.get("question"), given.get("context"))
     role = input_role(task)
+    pair = (given.get("text_pair") or trained_fields.get("text_pair")) if task == "classify" else None
     if given.get(role):  # --field text=..., or the model was fine-tuned with --text-field and the like: exactly
-        return load_texts(cfg.input, given[role], role=role)
-    trained = (extras.get("data_fields") or {}).get(role)  # guessed in the training data, e.g. 'review'
-    return load_texts(cfg.input, guesses=input_field_guesses(task, trained), chat=task == "sft", role=role)
+        return load_texts(cfg.input, given[role], role=role, pair_field=pair)
+    trained = trained_fields.get(role)  # guessed in the training data, e.g. 'review'
+    return load_texts(cfg.input, guesses=input_field_guesses(task, trained), chat=task == "sft", role=role,
+                      pair_field=pair)
 
 
 def run(cfg: PredictConfig) -> int:
@@ -96,8 +99,12 @@ def predict_rows(task: str, t, model, tokenizer, extras: dict, rows: list[dict],
         from lmforge.tasks.classify import classify_texts, trained_max_length
 
         texts = [r["text"] for r in rows]
-        return [{"text": x, **p} for x, p in zip(texts, classify_texts(
-            model, tokenizer, texts, max_length=trained_max_length(extras, 512), batch_size=cfg.batch_size))]
+        pairs = [r.get("text_pair") for r in rows]
+        pairs = pairs if all(p is not None for p in pairs) else None  # --text, or a model of single texts
+        results = classify_texts(model, tokenizer, texts, max_length=trained_max_length(extras, 512),
+                                 batch_size=cfg.batch_size, pairs=pairs)
+        return [{"text": x, **({"text_pair": y} if pairs else {}), **p}
+                for x, y, p in zip(texts, pairs or texts, results)]
     if task == "qa":
         from lmforge.tasks.qa import answer
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lmforge.data.labelled import Loaded, build_label_map, check_labels
+from lmforge.data.labelled import Loaded, build_label_map, check_label_names, check_labels
 from lmforge.errors import LmforgeError
 from lmforge.evaluate.task_metrics import classification_metrics, regression_metrics
 from lmforge.tasks.base import EvalResult, Task, dtype_kw, pad_batch
@@ -34,8 +34,10 @@ class ClassifyTask(Task):
         if self.regression:
             self.metric = "pearson"
         else:
+            check_label_names(train)
             for loaded in others.values():
-                check_labels([r["label"] for r in loaded.rows], self.labels, loaded.source, loaded.line_numbers)
+                check_label_names(loaded)
+                check_labels([r["label"] for r in loaded.rows], self.labels, loaded, skip=self.cfg.skip_bad_rows)
         self.label_index = {lab: i for i, lab in enumerate(self.labels)}
         if tokenizer.pad_token_id is None:  # decoder-only tokenizers: pad with EOS (masked out anyway)
             if tokenizer.eos_token is None:
@@ -55,10 +57,20 @@ class ClassifyTask(Task):
         return model
 
     def gold(self, label):
-        """A data label in the model's label space (a saved model knows its labels as strings)."""
+        """A data label in the model's label space (a saved model knows its labels as strings; a CSV's class
+        "1.0" is the number 1 in a JSON file)."""
         if self.regression or label in self.label_index:
             return label
-        return str(label) if str(label) in self.label_index else label
+        if str(label) in self.label_index:
+            return str(label)
+        if isinstance(label, (int, float)) and not isinstance(label, bool):
+            for name in self.labels:
+                try:
+                    if float(name) == label:
+                        return name
+                except (TypeError, ValueError):
+                    continue
+        return label
 
     def load_model(self, path, dtype=None):
         from transformers import AutoModelForSequenceClassification
@@ -117,7 +129,7 @@ class ClassifyTask(Task):
         scores = self.scores(model, feats, autocast_ctx, device, batch_size)
         gold = [self.gold(r["label"]) for r in loaded.rows]
         if not self.regression:
-            check_labels(gold, self.labels, loaded.source, loaded.line_numbers)
+            check_labels(gold, self.labels, loaded)
         preds = []
         if self.regression:
             pred = [float(x) for x in scores]
@@ -145,16 +157,18 @@ def trained_max_length(extras: dict, fallback: int) -> int:
     return int(finetune.get("max_length") or ClassifyTask.default_max_length)
 
 
-def classify_texts(model, tokenizer, texts: list[str], max_length: int = 512, batch_size: int = 32) -> list[dict]:
-    """For `lmforge predict` and serving: [{"label", "score", "scores": {label: p}}] per text."""
+def classify_texts(model, tokenizer, texts: list[str], max_length: int = 512, batch_size: int = 32,
+                   pairs: list[str] | None = None) -> list[dict]:
+    """For `lmforge predict` and serving: [{"label", "score", "scores": {label: p}}] per text (and second text
+    of its pair, for a model fine-tuned on pairs)."""
     model.eval()
     id2label = model.config.id2label
     regression = model.config.problem_type == "regression" or model.config.num_labels == 1
     out = []
     with torch.no_grad():
         for s in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[s:s + batch_size], truncation=True, max_length=max_length, padding=True,
-                            return_tensors="pt")
+            enc = tokenizer(texts[s:s + batch_size], pairs[s:s + batch_size] if pairs else None, truncation=True,
+                            max_length=max_length, padding=True, return_tensors="pt")
             logits = model(**enc).logits.float()  # (B, C)
             if regression:
                 out += [{"score": float(v)} for v in logits[:, 0]]
