@@ -120,3 +120,45 @@ def test_evaluate_is_deterministic(tiny_run):
     a, b = cli(*args), cli(*args)
     assert a.code == b.code == 0
     assert json.loads(a.out) == json.loads(b.out)
+
+
+def test_a_long_max_new_tokens_keeps_the_prompt(tiny_run):
+    """The context window (64 tokens here) holds prompt + reply: asking for more new tokens than fit caps the
+    reply, it must not drop the prompt (it once kept only the prompt's last token)."""
+    short = generate(tiny_run.final, "--temperature", "0")
+    res = cli("generate", "--model", tiny_run.final, "--prompt", "ROMEO:", "--max-new-tokens", "1000",
+              "--temperature", "0")
+    assert res.code == 0, res.err
+    assert res.out.startswith(short.rstrip("\n")), (short, res.out)
+    assert "at most" in res.err and "new tokens" in res.err
+
+
+def test_generate_and_chat_stop_at_every_eos_the_model_names(tiny_run, tmp_path, monkeypatch):
+    """generation_config.json may name end tokens the tokenizer does not (Llama 3.1's <|eom_id|>, Gemma's
+    <end_of_turn>); serve stops on them, and so must generate (--chat or not) and chat. Here it names the
+    token greedy decoding emits first, so each must print nothing new."""
+    import io
+    import shutil
+    import sys
+
+    from lmforge.generate.sampling import generate_ids
+    from lmforge.model.causal import load_causal_lm
+    from lmforge.tasks.sft import encode_text, render
+    from lmforge.tokenizer.bpe import load_tokenizer
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_run.final, model_dir)
+    tok, model = load_tokenizer(model_dir), load_causal_lm(model_dir).eval()
+    chat_ids = encode_text(tok, render(tok, [{"role": "user", "content": "hi"}], add_generation_prompt=True))
+    for args, ids, stdin in ((["generate", "--prompt", "ROMEO:"], tok.encode("ROMEO:"), None),
+                             (["generate", "--prompt", "hi", "--chat"], chat_ids, None),
+                             (["chat"], chat_ids, "hi\n")):
+        first = next(generate_ids(model, ids, 1, temperature=0))
+        (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.eos_token_id, first]}))
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        res = cli(args[0], "--model", model_dir, *args[1:], "--max-new-tokens", "6", "--temperature", "0")
+        assert res.code == 0, res.err
+        said = [ln for ln in res.out.splitlines() if ln.startswith("assistant> ")][0][len("assistant> "):] \
+            if stdin else res.out.removeprefix("ROMEO:" if "--chat" not in args else "")
+        assert said.strip() == "", (args, res.out)

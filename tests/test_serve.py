@@ -249,9 +249,14 @@ def test_unknown_model_is_404(lm):
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
     ("/v1/chat/completions", {"messages": [{"role": "user"}], "max_tokens": 0}, "max_tokens"),
     ("/v1/chat/completions", {"messages": "hello"}, "messages"),
+    ("/v1/completions", {"prompt": "\ud800x"}, "prompt"),  # a lone surrogate: valid JSON, no character
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi \udfff"}]}, "messages[0].content"),
+    ("/v1/completions", {"prompt": "x", "stop": ["\ud800"]}, "stop"),
 ])
 def test_bad_requests_are_400(lm, path, body, param):
-    r = httpx.post(f"{lm}{path}", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    # sent as ASCII JSON ("\\ud800" escapes), as a client in another language would send a lone surrogate
+    r = httpx.post(f"{lm}{path}", content=json.dumps(body), timeout=30,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     err = assert_openai_error(r, 400)
     assert err["type"] == "invalid_request_error" and err["param"] == param, err
 

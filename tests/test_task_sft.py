@@ -289,3 +289,26 @@ def test_templates_that_render_earlier_turns_differently(tok_dir, variant):
     task, loaded = _task(tok, [{"messages": msgs}])
     (f,) = task.features(loaded, train=True)
     assert _labelled(tok, f) == "Hello, how are you?<|im_end|>Blue is a color.<|im_end|>"
+
+
+def test_a_reply_starting_with_whitespace_is_trained_on_the_prompt_inference_sends(tmp_path):
+    """The template's 'assistant\\n' and a reply's leading newline or spaces merge into one token when the whole
+    chat is tokenized at once; the prompt serve/chat/predict encode ends in a lone '\\n' and must be what
+    training shows before the reply."""
+    from lmforge.tasks.sft import encode_text, render, setup_chat
+    from lmforge.tokenizer.bpe import train_bpe
+
+    train_bpe([TEXT.replace(". ", "." + chr(10) * 3 + "  ")], 400, tmp_path)  # blank lines, indents: whitespace merges
+    tok = _tokenizer(tmp_path)
+    setup_chat(tok)
+    end_id = tok.convert_tokens_to_ids("<|im_end|>")
+    merged = 0
+    for reply in ("\n\nTwo plus two is four.", "  Paris is the capital.", "Blue is a color."):
+        msgs = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": reply}]
+        prompt = encode_text(tok, render(tok, msgs[:1], add_generation_prompt=True))
+        merged += encode_text(tok, render(tok, msgs))[:len(prompt)] != prompt
+        f = encode_conversation(tok, msgs, end_id)
+        assert f["input_ids"][:len(prompt)] == prompt
+        first = next(i for i, x in enumerate(f["labels"]) if x != -100)
+        assert first == len(prompt) and tok.decode([x for x in f["labels"] if x != -100]) == reply + "<|im_end|>"
+    assert merged  # the case arises with this tokenizer: whole-text tokens do run across the boundary

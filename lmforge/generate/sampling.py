@@ -35,16 +35,30 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def fit_window(n_prompt: int, max_new_tokens: int, limit: int) -> tuple[int, int]:
+    """(prompt tokens to keep, the last ones; new tokens at most) within a context window of `limit` tokens. A
+    prompt that fits is kept whole and the reply gets the room left (as `lmforge serve` does); one that does
+    not keeps its last tokens and leaves the reply min(max_new_tokens, half the window)."""
+    n_prompt = max(1, n_prompt)
+    if n_prompt < limit:
+        return n_prompt, max(0, min(max_new_tokens, limit - n_prompt))
+    room = max(1, min(max_new_tokens, limit // 2))
+    return limit - room, room
+
+
+def model_window(model) -> int:
+    return int(getattr(model, "max_seq_len", None) or 2048)
+
+
 @torch.no_grad()
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int = 128, temperature: float = 0.8,
                  top_k: int | None = None, top_p: float | None = None, stop_ids: Iterable[int] = (),
                  seed: int | None = None) -> Iterator[int]:
     """Yield new token ids one at a time; stops after a stop id (not yielded) or max_new_tokens."""
     device = next(model.parameters()).device
-    limit = getattr(model, "max_seq_len", None) or 2048
-    max_new_tokens = max(0, min(max_new_tokens, limit - 1))
-    keep = max(1, limit - max_new_tokens)
-    prompt_ids = list(prompt_ids)[-keep:] or [0]  # the context window holds prompt + answer
+    prompt_ids = list(prompt_ids) or [0]
+    keep, max_new_tokens = fit_window(len(prompt_ids), max_new_tokens, model_window(model))
+    prompt_ids = prompt_ids[-keep:]  # the context window holds prompt + answer
     gen = torch.Generator(device=device)
     if seed is not None:
         gen.manual_seed(seed)
@@ -98,13 +112,43 @@ class StreamDecoder:
 
 
 def stop_token_ids(tokenizer, model=None) -> set[int]:
-    """EOS of the tokenizer and of the model's generation config (ChatML models end turns with <|im_end|>)."""
+    """EOS of the tokenizer, and the common end tokens its vocabulary has (ChatML models end turns with
+    <|im_end|>)."""
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
         if tok in tokenizer.get_vocab():
             ids.add(tokenizer.convert_tokens_to_ids(tok))
+    return ids
+
+
+def generation_eos(path) -> list[int]:
+    """The eos_token_id(s) of a model folder's generation_config.json: the only place some instruct models name
+    all their end tokens (Llama 3.1's <|eom_id|>, Gemma's <end_of_turn>)."""
+    import json
+    from pathlib import Path
+
+    f = Path(path) / "generation_config.json"
+    try:
+        eos = json.loads(f.read_text(encoding="utf-8")).get("eos_token_id") if f.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [int(x) for x in (eos if isinstance(eos, list) else [eos]) if isinstance(x, int)]
+
+
+def model_stop_ids(tokenizer, path, chat: bool) -> set[int]:
+    """What `generate`, `chat` and `serve` stop on for the model at `path`: its EOS ids (tokenizer and
+    generation config) and, for a chat turn, the chat template's end-of-turn token (sets the template up)."""
+    from lmforge.errors import LmforgeError
+    from lmforge.tasks.sft import end_token_ids, setup_chat
+
+    ids = stop_token_ids(tokenizer) | set(generation_eos(path))
+    if chat:
+        try:
+            ids |= set(end_token_ids(tokenizer, None, setup_chat(tokenizer)["end_of_turn"]))
+        except LmforgeError:  # no template and no EOS to build one with: EOS-less models stop on length
+            pass
     return ids
 
 

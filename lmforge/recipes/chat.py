@@ -68,10 +68,10 @@ def _note(text: str) -> None:
 
 class Chat:
     def __init__(self, cfg: ChatConfig):
-        from lmforge.generate.sampling import stop_token_ids
+        from lmforge.generate.sampling import model_stop_ids
         from lmforge.model.causal import load_causal_lm
         from lmforge.model.hub import resolve_model
-        from lmforge.tasks.sft import end_token_ids, setup_chat
+        from lmforge.tasks.sft import setup_chat
         from lmforge.tokenizer.bpe import load_tokenizer
 
         if not cfg.model:
@@ -80,10 +80,10 @@ class Chat:
         path = resolve_model(cfg.model)
         self.tokenizer = load_tokenizer(path)
         self.model = load_causal_lm(path).eval()
-        # The model's chat template (or lmforge's default: ChatML / '### User:'), the end-of-turn token as EOS.
-        chat = setup_chat(self.tokenizer)
-        self.stop_ids = set(end_token_ids(self.tokenizer, self.model, chat["end_of_turn"]))
-        self.stop_ids |= stop_token_ids(self.tokenizer)
+        # What serve stops a chat turn on: the template's end-of-turn token, the tokenizer's EOS and those of
+        # generation_config.json (Llama 3.1 names <|eom_id|> only there).
+        self.stop_ids = model_stop_ids(self.tokenizer, path, chat=True)
+        setup_chat(self.tokenizer)  # the model's chat template (or lmforge's default); fails here if it cannot
         model_window = int(getattr(self.model, "max_seq_len", None) or 2048)
         self.window = min(model_window, cfg.context) if cfg.context else model_window
         # Room kept for the reply: the conversation may use the rest of the window.

@@ -36,7 +36,7 @@ def run(cfg: GenerateConfig) -> int:
 
 
 def _run(cfg: GenerateConfig) -> int:
-    from lmforge.generate.sampling import StreamDecoder, generate_ids, stop_token_ids
+    from lmforge.generate.sampling import StreamDecoder, fit_window, generate_ids, model_stop_ids, model_window
     from lmforge.model.causal import load_causal_lm
     from lmforge.model.hub import resolve_model
     from lmforge.tokenizer.bpe import load_tokenizer
@@ -47,20 +47,31 @@ def _run(cfg: GenerateConfig) -> int:
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(path).eval()
     prompt = cfg.prompt
+    if cfg.chat and not getattr(tokenizer, "chat_template", None):
+        raise LmforgeError(f"{path}: the tokenizer has no chat template; drop --chat")
+    # as serve stops: a chat turn at the template's end-of-turn token, and every EOS the model names
+    stops = model_stop_ids(tokenizer, path, chat=cfg.chat)
     if cfg.chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise LmforgeError(f"{path}: the tokenizer has no chat template; drop --chat")
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             tokenize=True, return_dict=False)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
     else:
         ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_token_id or 0]
+    window = model_window(model)
+    keep, room = fit_window(len(ids), cfg.max_new_tokens, window)
+    if keep < len(ids):
+        print(f"[the prompt has {len(ids)} tokens and the context window {window}: its first {len(ids) - keep} "
+              f"tokens are dropped to leave {room} for new ones]", file=sys.stderr)
+    elif room < cfg.max_new_tokens:
+        print(f"[at most {room} new tokens: the {len(ids)}-token prompt and the reply share a {window}-token "
+              "context window]", file=sys.stderr)
+    if not cfg.chat:
         sys.stdout.write(prompt)
     dec = StreamDecoder(tokenizer)
     t, n = time.time(), 0
     for token in generate_ids(model, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
-                              cfg.top_p if cfg.top_p < 1 else None, stop_token_ids(tokenizer), cfg.seed):
+                              cfg.top_p if cfg.top_p < 1 else None, stops, cfg.seed):
         n += 1
         sys.stdout.write(dec.push(token))
         sys.stdout.flush()

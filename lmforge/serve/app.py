@@ -338,7 +338,10 @@ def _add_generation_routes(app: FastAPI, state: State) -> None:
         prompts = await anyio.to_thread.run_sync(_completion_prompts, state, body.prompt)
         params = _sampling(state, body, [len(p) for p in prompts], default_max=16, param="max_tokens",
                            stop_ids=state.served.stop_ids)
-        echo = [state.served.tokenizer.decode(p, skip_special_tokens=False) if body.echo else "" for p in prompts]
+        # a text prompt echoes as sent (not with the BOS its encoding starts with); token ids echo decoded
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        echo = [(t if isinstance(t, str) else state.served.tokenizer.decode(p, skip_special_tokens=False))
+                if body.echo else "" for t, p in zip(texts, prompts)]
         if len(prompts) * n > MAX_CHOICES:
             raise APIError(400, f"too many choices: {len(prompts)} prompts x n={n} > {MAX_CHOICES}", "n",
                            "invalid_value")

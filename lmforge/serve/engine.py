@@ -810,13 +810,6 @@ class ServedModel:
             self.engine.stop()
 
 
-def _generation_eos(path: Path) -> list[int]:
-    eos = read_json(path / "generation_config.json").get("eos_token_id")
-    if eos is None:
-        return []
-    return [int(x) for x in (eos if isinstance(eos, list) else [eos]) if isinstance(x, int)]
-
-
 def load_served(path: Path, *, device: str = "cpu", precision: str = "auto", max_batch: int = 8,
                 max_queue: int = 64, step_delay: float = 0.0) -> ServedModel:
     """Load `path` (a resolved model folder) by kind; causal LMs get a started engine."""
@@ -882,22 +875,16 @@ def load_served(path: Path, *, device: str = "cpu", precision: str = "auto", max
 
 
 def _load_causal(path, tokenizer, dev, prec, kind, extras, max_batch, max_queue, step_delay) -> ServedModel:
-    from lmforge.generate.sampling import stop_token_ids
+    from lmforge.generate.sampling import model_stop_ids
     from lmforge.model.causal import HFCausalLM, load_causal_lm
-    from lmforge.tasks.sft import end_token_ids, setup_chat
 
     model = load_causal_lm(path).eval()
     native = not isinstance(model, HFCausalLM)
     if prec == "bf16":
         model = model.to(torch.bfloat16)
     model = model.to(dev)
-    plain_stops = set(stop_token_ids(tokenizer)) | set(_generation_eos(path))
-    try:
-        chat = setup_chat(tokenizer)
-        chat_stops = set(end_token_ids(tokenizer, None, chat["end_of_turn"]))
-    except LmforgeError:
-        chat_stops = set()
-    chat_stops |= plain_stops
+    plain_stops = model_stop_ids(tokenizer, path, chat=False)
+    chat_stops = model_stop_ids(tokenizer, path, chat=True)  # sets the chat template up
     max_len = int(model.max_seq_len)
     backend = LlamaBackend(model, max_batch, max_len) if native else HFBackend(model, max_batch, max_len)
     engine = Engine(backend, tokenizer, max_batch=max_batch, max_queue=max_queue, step_delay=step_delay)

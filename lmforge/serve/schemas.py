@@ -5,13 +5,26 @@ Ranges that depend on the model (context length, vocabulary) are checked in app.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_N = 16  # choices per request
 MAX_STOP = 4  # stop strings, as OpenAI allows
 MAX_INPUTS = 2048  # texts per classify/embeddings/translate request
+
+
+def _unicode(text: str) -> str:
+    """JSON may carry a lone UTF-16 surrogate ("\\ud800"), which is no character: no tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode: a lone surrogate \\u{ord(text[e.start]):04x} at character {e.start}") \
+            from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]  # every text a tokenizer will see
 
 
 class _Body(BaseModel):
@@ -31,7 +44,7 @@ class _Sampling(_Body):
     n: int | None = Field(None, ge=1, le=MAX_N, description="choices to generate")
     stream: bool | None = Field(None, description="send server-sent events as tokens are generated")
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, description="up to 4 strings that end the text (not included)")
+    stop: Text | list[Text] | None = Field(None, description="up to 4 strings that end the text (not included)")
     seed: int | None = Field(None, description="same seed and request: same sample")
     presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
     frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
@@ -41,7 +54,7 @@ class _Sampling(_Body):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: Text | list[Text] | list[int] | list[list[int]] = Field(
         "", description="text, texts, token ids, or lists of token ids")
     echo: bool | None = Field(None, description="prepend the prompt to the text")
     logprobs: int | None = Field(None, description="not supported (must be null)")
@@ -51,12 +64,12 @@ class CompletionRequest(_Sampling):
 
 class ContentPart(_Body):
     type: str
-    text: str | None = None
+    text: Text | None = None
 
 
 class ChatMessage(_Body):
     role: str
-    content: str | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
     name: str | None = None
 
 
@@ -72,12 +85,12 @@ class ChatCompletionRequest(_Sampling):
 
 class ClassifyRequest(_Body):
     model: str | None = None
-    input: str | list[str] = Field(..., description="a text or a list of texts")
+    input: Text | list[Text] = Field(..., description="a text or a list of texts")
 
 
 class EmbeddingsRequest(_Body):
     model: str | None = None
-    input: str | list[str] | list[int] | list[list[int]] = Field(..., description="a text or a list of texts")
+    input: Text | list[Text] | list[int] | list[list[int]] = Field(..., description="a text or a list of texts")
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = Field(None, ge=1, description="keep the first N dimensions (then re-normalised)")
     user: str | None = None
@@ -85,12 +98,12 @@ class EmbeddingsRequest(_Body):
 
 class AnswerRequest(_Body):
     model: str | None = None
-    question: str
-    context: str
+    question: Text
+    context: Text
     max_answer_length: int | None = Field(None, ge=1, le=512)
 
 
 class TranslateRequest(_Body):
     model: str | None = None
-    input: str | list[str] = Field(..., description="a text or a list of texts")
+    input: Text | list[Text] = Field(..., description="a text or a list of texts")
     max_tokens: int | None = Field(None, ge=1, description="tokens per translation at most")

@@ -152,14 +152,17 @@ def _token_spans_by_offsets(offsets, start_c: int, end_c: int) -> tuple[int, int
     return a, max(a, b)
 
 
-def assistant_spans(tokenizer, messages: list[dict], ids: list[int], text: str) -> list[tuple[int, int]]:
-    """Token ranges [a, b) of each assistant turn within `ids` (the tokens of `text`, the rendered chat).
+def assistant_spans(tokenizer, messages: list[dict], ids: list[int], text: str) -> tuple[list[tuple[int, int]], bool]:
+    """(token ranges [a, b) of each assistant turn within `ids` (the tokens of `text`, the rendered chat),
+    whether every range was found exactly).
 
     For assistant turn i, the tokens of template(messages[:i], add_generation_prompt) and of
-    template(messages[:i+1]) must be prefixes of the whole; the turn is what lies between. Templates for
-    which that does not hold (some rewrite earlier turns) fall back to character offsets."""
+    template(messages[:i+1]) must be prefixes of the whole; the turn is what lies between. Where that does
+    not hold (templates that rewrite earlier turns; a reply whose leading whitespace merges into one token
+    with the template's newline) the range comes from character offsets instead, and is not exact."""
     spans = []
     offsets = None
+    exact = True
     search_from = 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -174,6 +177,7 @@ def assistant_spans(tokenizer, messages: list[dict], ids: list[int], text: str) 
             spans.append((len(p_ids), len(u_ids)))
             search_from = len(upto)
             continue
+        exact = False
         if offsets is None:
             _, offsets = encode_text(tokenizer, text, offsets=True)
         if prefix and text.startswith(prefix) and text.startswith(upto) and len(upto) > len(prefix):
@@ -194,7 +198,39 @@ def assistant_spans(tokenizer, messages: list[dict], ids: list[int], text: str) 
                 b = k + 1
         spans.append((a, b))
         search_from = end_c
-    return spans
+    return spans, exact
+
+
+def turnwise_ids(tokenizer, messages: list[dict], text: str, ids: list[int]):
+    """(ids, assistant spans) of the rendered chat `text`, tokenized turn by turn: each reply's prompt exactly as
+    inference encodes it (template(messages[:i], add_generation_prompt)), then the reply. For when the whole
+    text's tokens run across that boundary: ChatML's 'assistant\n' and a reply starting with a newline or
+    spaces (indented code) merge into one token, so the prompt a served model gets would never be seen in
+    training. None where the pieces do not join up (a template that rewrites earlier turns, a tokenizer that
+    spells a piece differently on its own)."""
+    built: list[int] = []
+    spans = []
+    done = 0  # characters of `text` covered so far
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        if i == 0:
+            return None
+        prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = render(tokenizer, messages[:i + 1])
+        if not (text.startswith(prefix) and text.startswith(upto) and done <= len(prefix) < len(upto)):
+            return None
+        prompt = encode_text(tokenizer, prefix)
+        if prompt[:len(built)] != built:  # an earlier reply reads otherwise in this turn's prompt
+            return None
+        built = prompt + encode_text(tokenizer, upto[len(prefix):])
+        spans.append((len(prompt), len(built)))
+        done = len(upto)
+    if done < len(text):
+        built += encode_text(tokenizer, text[done:])
+    if tokenizer.decode(built) != tokenizer.decode(ids):
+        return None
+    return built, spans
 
 
 def encode_conversation(tokenizer, messages: list[dict], end_id: int, max_length: int | None = None,
@@ -204,7 +240,9 @@ def encode_conversation(tokenizer, messages: list[dict], end_id: int, max_length
     `max_length` leaves no assistant token. With train_all_assistant=False only the last turn is learned."""
     text = render(tokenizer, messages)
     ids = encode_text(tokenizer, text)
-    spans = assistant_spans(tokenizer, messages, ids, text)
+    spans, exact = assistant_spans(tokenizer, messages, ids, text)
+    if not exact:
+        ids, spans = turnwise_ids(tokenizer, messages, text, ids) or (ids, spans)
     if not train_all_assistant:
         spans = spans[-1:]
     out_ids: list[int] = []
