@@ -180,7 +180,7 @@ def save(cfg, path: str | os.PathLike) -> None:
 # attention kernel belong here with the device: a run moved to another machine must be able to pick what that
 # machine runs well ("--precision auto" again), and the weights and optimizer state are fp32 whichever it is.
 RESUME_MAY_CHANGE = {"out", "resume", "stop_after_steps", "progress", "device", "eval_batch_size", "keep_checkpoints",
-                     "log_interval", "save_interval", "fsdp", "precision", "attention"}
+                     "log_interval", "save_interval", "fsdp", "precision", "attention", "compile"}
 
 
 def resume_base(args: argparse.Namespace, cls, resolved: tuple[str, ...] = ()) -> dict:
@@ -200,7 +200,13 @@ def resume_base(args: argparse.Namespace, cls, resolved: tuple[str, ...] = ()) -
         saved.pop(key, None)
     given = {k: v for k, v in vars(args).items() if k not in ("verb", "func", "config")}
     if getattr(args, "config", None):
-        given = {**{str(k).replace("-", "_"): v for k, v in load_yaml(args.config).items()}, **given}
+        fields, from_file = _fields(cls), {}
+        for key, value in load_yaml(args.config).items():
+            name = str(key).replace("-", "_")
+            if name in fields:  # typed as `build` types it: YAML reads 1e-3 as a string, `data: x` as no list
+                value = _coerce(value, *_base_type(fields[name].type), f"{args.config}: field '{key}'")
+            from_file[name] = value
+        given = {**from_file, **given}
     # "Work it out" typed again ("--lr 0", "--eval-interval 0") is what the saved value was worked out from, e.g.
     # when the first command line is repeated with --resume: not a change. It must not replace the saved value
     # either: the run fitted --eval-interval to a timed evaluation that a resumed run does not repeat, so working

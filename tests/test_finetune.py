@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import assert_user_error, cli, cli_signalled, metrics_rows, torchrun
+from conftest import assert_user_error, cli, cli_signalled, cli_subprocess, metrics_rows, torchrun
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -166,6 +166,8 @@ def test_lora_merged_and_adapter(tiny_bert, sentiment, tmp_path):
               "--no-progress")
     assert res.code == 0, res.err
     assert (tmp_path / "adapter" / "final" / "adapter_config.json").exists()
+    assert_user_error(cli("predict", "--model", tmp_path / "adapter", "--text", "fine"), "a LoRA adapter (PEFT)",
+                      "without --save-adapter")
 
 
 def test_resume_matches_uninterrupted(tiny_bert, sentiment, tmp_path):
@@ -505,3 +507,37 @@ def test_gold_labels_match_the_saved_classes_by_value():
     t.regression, t.labels = False, ["1.0", "2.0", "neg"]
     t.label_index = {lab: i for i, lab in enumerate(t.labels)}
     assert [t.gold(x) for x in (1, 2.0, "1.0", "neg", 3, True)] == ["1.0", "2.0", "1.0", "neg", 3, True]
+
+
+def test_grad_accum_with_leftover_batches_finishes_and_resumes_exactly(tiny_t5, tmp_path):
+    """16 pairs in batches of 2 are 8 batches an epoch: 2 steps of 3, two batches left over. The loop once spun
+    forever at the end of the first epoch (in a subprocess here, so that a hang fails the test). A resume also
+    keeps the zero-shot baseline and the training time of the first invocation."""
+    model_dir, data = tiny_t5
+    common = ["finetune", "--task", "translate", "--model", model_dir, "--train", data, "--validation", data,
+              "--batch-size", "2", "--grad-accum", "3", "--epochs", "2", "--no-progress", "--precision", "fp32",
+              "--max-new-tokens", "3"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    res = cli_subprocess(*common, "--out", a, timeout=240)
+    assert res.returncode == 0, res.stderr
+    ma = json.loads((a / "metrics.json").read_text())
+    assert ma["steps"] == 4 and ma["epochs"] == 2.0
+    res = cli_subprocess(*common, "--out", b, "--stop-after-steps", "3", timeout=240)  # mid-epoch 2
+    assert res.returncode == 0, res.stderr
+    first = torch.load(b / "checkpoints" / "step-000003" / "lmforge_state" / "trainer.pt", weights_only=True)
+    assert first["data_position"] == {"epoch": 1, "batch": 3, "seed": 42} and first["progress"]["samples"] == 3 * 3 * 2
+    res = cli_subprocess("finetune", "--out", b, "--resume", "--no-progress", timeout=240)
+    assert res.returncode == 0, res.stderr
+    mb = json.loads((b / "metrics.json").read_text())
+    assert [r["loss"] for r in metrics_rows(a) if "loss" in r] == pytest.approx(
+        [r["loss"] for r in metrics_rows(b) if "loss" in r], abs=1e-6)
+    assert mb["zero_shot_validation"] == ma["zero_shot_validation"]  # once lost on resume
+    assert mb["train_seconds"] >= first["progress"]["train_seconds"] - 0.05
+
+
+def test_a_new_run_refuses_an_out_holding_another_runs_checkpoints(tiny_bert, sentiment, tmp_path):
+    train, val = sentiment
+    common = ["finetune", "--task", "classify", "--model", tiny_bert, "--train", train, "--validation", val,
+              "--out", tmp_path / "r", "--max-steps", "2", "--no-progress"]
+    assert cli(*common).code == 0
+    assert_user_error(cli(*common), "holds checkpoints of an earlier run", "--resume", "rm -r")

@@ -313,3 +313,37 @@ def test_max_minutes_sets_the_step_count(tmp_path, tiny_run):
     metrics = json.loads((out / "metrics.json").read_text())
     assert 1 <= metrics["steps"] <= steps
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_resume_with_the_config_file_that_started_the_run(tmp_path, tiny_run):
+    """YAML reads `lr: 1e-3` as a string and `data: x` as a single value: the file that started the run must
+    still be accepted on --resume (it was refused as a change)."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"data: {tiny_run.corpus}\ntokenizer: {tiny_run.tokenizer}\nsize: tiny\nn_layer: 2\nn_embd: 32\n"
+                   "n_head: 2\ncontext: 64\nmax_steps: 4\nbatch_size: 2\nlr: 1e-3\neval_tokens: 1024\n"
+                   "sample_tokens: 0\nprogress: false\n")
+    out = tmp_path / "r"
+    assert cli("pretrain", "--config", cfg, "--out", out, "--stop-after-steps", "2").code == 0
+    res = cli("pretrain", "--config", cfg, "--out", out, "--resume", "--compile", "off")  # compile may change
+    assert res.code == 0, res.err
+    assert (out / "final" / "config.json").exists()
+
+
+def test_a_new_run_in_an_old_out_trains_its_own_tokenizer_or_is_refused(tmp_path, tiny_run):
+    out = tmp_path / "o"
+    base = ["pretrain", "--data", tiny_run.corpus, "--out", out, "--size", "tiny", "--n-layer", "2", "--n-embd", "32",
+            "--n-head", "2", "--context", "64", "--batch-size", "2", "--eval-tokens", "1024", "--sample-tokens", "0",
+            "--no-progress"]
+    assert cli(*base, "--vocab-size", "300", "--max-steps", "2", "--stop-after-steps", "1").code == 0
+    assert_user_error(cli(*base, "--vocab-size", "300", "--max-steps", "2"), "holds checkpoints of an earlier run")
+    import shutil
+
+    shutil.rmtree(out / "checkpoints")
+    res = cli(*base, "--vocab-size", "280", "--max-steps", "2")  # another vocabulary: not the old tokenizer
+    assert res.code == 0, res.err
+    assert "training a byte-level BPE tokenizer (vocab 280)" in res.out
+    assert json.loads((out / "final" / "config.json").read_text())["vocab_size"] <= 280
+    shutil.rmtree(out / "checkpoints")
+    res = cli(*base, "--vocab-size", "280", "--max-steps", "2")  # the same spec: reused
+    assert res.code == 0, res.err
+    assert "training a byte-level BPE tokenizer" not in res.out

@@ -56,6 +56,11 @@ def resolve_model(spec: str) -> Path:
             return path
         if (path / "final" / "config.json").exists():  # an lmforge output folder
             return path / "final"
+        adapter = next((p for p in (path, path / "final") if (p / "adapter_config.json").exists()), None)
+        if adapter is not None:  # --save-adapter, or a checkpoint of a LoRA run
+            raise LmforgeError(f"{adapter}: a LoRA adapter (PEFT) without its base model's weights; lmforge reads "
+                               "merged models: fine-tune without --save-adapter for a merged DIR/final, or load "
+                               "the adapter with peft's AutoPeftModelFor... classes")
         raise LmforgeError(f"{path}: not a model folder (no config.json; expected a Hugging Face folder or "
                            f"an lmforge output folder with final/)")
     if path.exists():

@@ -325,7 +325,7 @@ def run(cfg: FinetuneConfig) -> dict:
     rt = setup_runtime(cfg.device)
     precision = resolve_precision(cfg.precision, rt.device)
     torch.manual_seed(cfg.seed)
-    resume_from = ckpt.latest_checkpoint(out) if cfg.resume else None
+    resume_from = ckpt.latest_checkpoint(out) if cfg.resume else ckpt.refuse_earlier_run(out)
     if cfg.resume and resume_from is None:
         raise LmforgeError(f"--resume: no checkpoint in {out / 'checkpoints'}")
 
@@ -411,6 +411,8 @@ def run(cfg: FinetuneConfig) -> dict:
     write_atomic(out / "config.yaml", config_yaml)
 
     step, best = 0, {"value": None, "step": None, "checkpoint": None}
+    zero_shot = None  # the validation metrics before training (sft, translate)
+    before = {"train_seconds": 0.0, "samples": 0}  # training time and samples of the invocations before a resume
     window = [0.0, 0]  # training loss summed since the last log line, and its step count
     scaler = grad_scaler(precision, rt.device)
     history: list[dict] = []
@@ -427,6 +429,8 @@ def run(cfg: FinetuneConfig) -> dict:
         ckpt.set_rng_state(state["rng"], rt.rank)
         step, best, history = state["step"], state["best"], state["history"]
         window = list(state["loss_window"])
+        zero_shot = state.get("zero_shot")
+        before = state.get("progress", before)
         log.truncate_after(step)
         print(f"resuming from {resume_from} at step {step}", flush=True)
     elif log.path.exists():
@@ -490,9 +494,10 @@ def run(cfg: FinetuneConfig) -> dict:
         state = {"optimizer": optim_state if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": rngs, "step": step, "max_steps": plan["max_steps"], "world_size": rt.world_size,
                  "best": best, "history": history, "grad_scaler": scaler.state_dict(),
-                 "loss_window": list(window),
-                 "data_position": {"epoch": step * cfg.grad_accum // batches_per_epoch,
-                                   "batch": step * cfg.grad_accum % batches_per_epoch, "seed": cfg.seed}}
+                 "loss_window": list(window), "zero_shot": zero_shot,
+                 "progress": {"train_seconds": before["train_seconds"] + elapsed, "samples": before["samples"] + seen},
+                 "data_position": {"epoch": step // steps_per_epoch,
+                                   "batch": step % steps_per_epoch * cfg.grad_accum, "seed": cfg.seed}}
         from safetensors.torch import save_file
 
         def write(folder: Path):
@@ -503,7 +508,6 @@ def run(cfg: FinetuneConfig) -> dict:
         protect = (best["checkpoint"],) if best["checkpoint"] else ()
         return ckpt.save_checkpoint(out, step, write, state, config_yaml, keep=1, protect=protect)
 
-    zero_shot = None
     if step == 0 and cfg.task in ("translate", "sft"):  # the baseline fine-tuning has to beat (BLEU, perplexity)
         zero_shot = evaluate("validation").metrics
         print(f"zero-shot validation: {short(zero_shot)}", flush=True)
@@ -514,7 +518,7 @@ def run(cfg: FinetuneConfig) -> dict:
     bar = tqdm(total=plan["max_steps"], initial=step, desc=f"finetune {cfg.task}", unit="step",
                dynamic_ncols=True, disable=not (cfg.progress and rt.is_main))
     model.train()
-    t0, seen, timed_steps = time.time(), 0, 0
+    t0, seen, timed_steps, elapsed = time.time(), 0, 0, 0.0
     wall0, eval_seconds, shown = t0, [], 0  # the --max-minutes budget counts evaluations too
     cap = plan["max_steps"] if cfg.max_steps or cfg.epochs else 10 ** 9
     refit = cfg.max_minutes > 0 and resume_from is None  # a resumed run keeps the plan it was saved with
@@ -523,17 +527,20 @@ def run(cfg: FinetuneConfig) -> dict:
     start_step, stopped = step, False
     try:
         while step < plan["max_steps"]:
-            epoch = step * cfg.grad_accum // batches_per_epoch
+            # Epochs count optimizer steps: an epoch is steps_per_epoch steps of grad_accum batches each, and the
+            # batches left over (fewer than grad_accum) are not used that epoch. (Counting batches instead once
+            # left a step with no batches to take when batches_per_epoch was not a multiple: the loop spun.)
+            epoch = step // steps_per_epoch
             order = length_grouped_batches(lengths, batch_size, cfg.seed, epoch, cfg.group_by_length)
             order = order[rt.rank::rt.world_size][:batches_per_epoch]
-            first = step * cfg.grad_accum % batches_per_epoch
-            n_batches = (len(order) - first) // cfg.grad_accum * cfg.grad_accum
-            for b0 in range(first, first + n_batches, cfg.grad_accum):
+            first = step % steps_per_epoch * cfg.grad_accum
+            for b0 in range(first, min(len(order), steps_per_epoch * cfg.grad_accum), cfg.grad_accum):
                 loss_sum = 0.0
-                for idx in order[b0:b0 + cfg.grad_accum]:
+                micro = order[b0:b0 + cfg.grad_accum]  # fewer than grad_accum only if an epoch has fewer batches
+                for idx in micro:
                     batch = {k: v.to(rt.device) for k, v in task.collate([feats[i] for i in idx]).items()}
                     with amp():
-                        loss = task.loss(train_model, batch) / cfg.grad_accum
+                        loss = task.loss(train_model, batch) / len(micro)
                     scaler.scale(loss).backward()
                     loss_sum += loss.item()
                     seen += len(idx) * rt.world_size
@@ -612,7 +619,9 @@ def run(cfg: FinetuneConfig) -> dict:
               f"Continue with: {rt.command('finetune')} --out {out} --resume",
               flush=True)
         return {"stopped_at": step, "checkpoint": str(path)}
-    train_seconds = time.time() - t0
+    # over every invocation of a resumed run, as an uninterrupted run would report them
+    train_seconds = before["train_seconds"] + time.time() - t0
+    seen += before["samples"]
 
     # ---- best model -> DIR/final, metrics, predictions ---------------------------------------------------------
     if best["checkpoint"] and (out / "checkpoints" / best["checkpoint"]).exists():

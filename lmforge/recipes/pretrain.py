@@ -92,12 +92,21 @@ def prepare_tokenizer(cfg: PretrainConfig, out: Path, sources):
     from lmforge.data.corpus import iter_documents
     from lmforge.tokenizer.bpe import load_tokenizer, train_bpe
 
+    import json
+
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
-    if (out / "tokenizer" / "tokenizer.json").exists():  # trained by an earlier (or interrupted) run
+    # What the tokenizer in DIR/tokenizer was trained from: an earlier run in DIR (interrupted before its first
+    # checkpoint, say) with the same data and vocabulary size has it already; any other run trains its own.
+    spec = json.dumps({"vocab_size": cfg.vocab_size, "text_field": cfg.text_field,
+                       "data": [str(Path(s.path).resolve()) for s in sources]}, sort_keys=True)
+    stamp = out / "tokenizer.spec.json"
+    if (out / "tokenizer" / "tokenizer.json").exists() and stamp.is_file() and stamp.read_text() == spec:
         return load_tokenizer(out / "tokenizer")
     print(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) ...", flush=True)
-    return train_bpe(iter_documents(sources, cfg.text_field), cfg.vocab_size, out / "tokenizer")
+    tokenizer = train_bpe(iter_documents(sources, cfg.text_field), cfg.vocab_size, out / "tokenizer")
+    stamp.write_text(spec)
+    return tokenizer
 
 
 def get_batch(data: np.ndarray, batch: int, context: int, seed: int, step: int, micro: int, rank: int):
@@ -130,7 +139,7 @@ def run(cfg: PretrainConfig) -> dict:
     precision = resolve_precision(cfg.precision, rt.device)
     torch.manual_seed(cfg.seed + rt.rank)
 
-    resume_from = ckpt.latest_checkpoint(out) if cfg.resume else None
+    resume_from = ckpt.latest_checkpoint(out) if cfg.resume else ckpt.refuse_earlier_run(out)
     if cfg.resume and resume_from is None:
         raise LmforgeError(f"--resume: no checkpoint in {out / 'checkpoints'}")
 

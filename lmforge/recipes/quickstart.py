@@ -44,6 +44,7 @@ def run(cfg: QuickstartConfig) -> dict:
 
     _banner(f"stage 1: pretrain a '{cfg.size}' LM on built-in Shakespeare for {cfg.minutes:g} minutes")
     lm_dir = out / "pretrain"
+    _fresh(lm_dir)
     pre = pretrain.run(pretrain.PretrainConfig(data=["shakespeare"], out=str(lm_dir), size=cfg.size,
                                                max_minutes=cfg.minutes, progress=cfg.progress,
                                                sample_tokens=0))
@@ -79,12 +80,20 @@ def run(cfg: QuickstartConfig) -> dict:
     return summary
 
 
+def _fresh(run_dir: Path) -> None:
+    """Each quickstart is a new run: an earlier quickstart's checkpoints go (training refuses to mix runs)."""
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+
 def _finetune(cfg: QuickstartConfig, out: Path, made: list) -> dict:
     from lmforge import config as C
     from lmforge.recipes import finetune
 
     _banner(f"stage 2: fine-tune minilm-l6 on built-in rotten_tomatoes for {cfg.finetune_minutes:g} minutes")
     ft_dir = out / "classifier"
+    _fresh(ft_dir)
     ft_cfg = C.build(finetune.FinetuneConfig, dict(task="classify", model="minilm-l6", train="rotten_tomatoes",
                                                    out=str(ft_dir), max_minutes=cfg.finetune_minutes,
                                                    progress=cfg.progress))

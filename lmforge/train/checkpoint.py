@@ -99,6 +99,17 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+def refuse_earlier_run(out_dir: str | Path) -> None:
+    """A new run (no --resume) in a folder that holds another run's checkpoints would mix the two: theirs would
+    count against --keep-checkpoints and be what a later --resume picks. Refused, naming both ways out."""
+    root = Path(out_dir) / "checkpoints"
+    found = sorted(p.name for p in root.glob("step-*")) if root.is_dir() else []
+    if found:
+        raise LmforgeError(f"{out_dir} holds checkpoints of an earlier run (up to {found[-1]}): continue it with "
+                           f"--resume, or start afresh in another --out (or after rm -r {root})")
+    return None
+
+
 def load_trainer_state(ckpt: Path) -> dict:
     path = ckpt / STATE_DIR / "trainer.pt"
     if not path.exists():
