@@ -87,6 +87,9 @@ def hf_trainer(model_path, train, val, test, args, tuned: bool, work: Path) -> d
 
 
 def lmforge_run(args, work: Path) -> dict:
+    import shutil
+
+    shutil.rmtree(work / "lmforge", ignore_errors=True)  # each seed is a new run (finetune refuses to mix runs)
     cfg = C.build(finetune.FinetuneConfig, dict(
         task="classify", model="minilm-l6", train="rotten_tomatoes", out=str(work / "lmforge"), epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=False,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -58,6 +59,7 @@ def matmul_peak_gflops(dtype=torch.float32, repeats: int = 5) -> float:
 def run_lmforge(work: Path, tok_dir: Path, shape: dict, batch: int, precision: str, warmup: int, steps: int,
                 compile: str = "off") -> float:
     out = work / f"lmforge-{precision}-{compile}"
+    shutil.rmtree(out, ignore_errors=True)  # each round is a new run (pretrain refuses to mix runs)
     cfg = pretrain.PretrainConfig(
         data=["shakespeare"], out=str(out), tokenizer=str(tok_dir), size=shape["size"], n_layer=shape["n_layer"],
         n_head=shape["n_head"], n_embd=shape["n_embd"], context=shape["context"], batch_size=batch,

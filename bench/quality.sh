@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 LM=.venv/bin/lmforge
 OUT=runs/quality
 mkdir -p "$OUT" docs/results
+# every run here starts afresh: finetune refuses a folder holding an earlier run's checkpoints
+for name in minilm_rt minilm_zh smollm_rt_lora qa translate; do
+  if [[ " ${*:-minilm_zh qa smollm_rt_lora translate} " == *" $name "* ]]; then rm -rf "${OUT:?}/$name"; fi
+done
 # minilm_rt (3 epochs) is optional here: bench/finetune_classify.py already measures minilm-l6 on rotten_tomatoes.
 ALL="${*:-minilm_zh qa smollm_rt_lora translate}"
 
