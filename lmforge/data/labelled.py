@@ -564,8 +564,8 @@ def _resolve_fields(task: str, obj: dict, given: dict[str, str | None], loc: str
     out: dict[str, str] = {}
     for name, key in given.items():
         if key is not None:
-            if key not in obj:
-                fail(_no_field(obj, name, key))
+            if key not in obj:  # this record's problem, maybe not the file's: --skip-bad-rows skips it
+                raise _Bad(_no_field(obj, name, key))
             out[name] = key
     for name, key in (prefer or {}).items():
         if name in roles and name not in out and key in obj and key not in out.values():
@@ -909,10 +909,8 @@ def load_examples(spec: str, task: str, fields: dict[str, str | None] | None = N
             if rec.error is not None:
                 raise _Bad(rec.error)
             if resolved is None:
-                lacks = next(((r, k) for r, k in given.items() if k is not None and k not in rec.obj), None)
-                if lacks and skip_bad_rows and task != "translate":
-                    raise _Bad(_no_field(rec.obj, *lacks))  # a named field missing from this record only, maybe
-                # the first readable record decides the fields; a file-wide problem, so never skipped
+                # the first readable record decides the fields; a guess that fails there is a file-wide
+                # problem, so never skipped (a named field it lacks is the record's own: _Bad)
                 resolved = _resolve_fields(task, rec.obj, given, rec.loc, prefer)
             row = normalise(rec, resolved)
             if task == "qa":
@@ -1055,15 +1053,20 @@ def check_labels(labels: list, label_list: list, loaded: Loaded, skip: bool = Fa
     shown = ", ".join(map(repr, label_list[:20])) + (", ..." if len(label_list) > 20 else "")
     if skip and len(bad) < len(labels):
         loaded.drop({i: f"label {labels[i]!r} never seen in training" for i in bad})
-        print(f"{loaded.source}: skipped {len(bad)} row(s) with labels never seen in training (training labels: "
-              f"{shown}):\n  " + "\n  ".join(loaded.skipped[-len(bad):][:10]) + ("\n  ..." if len(bad) > 10 else ""),
-              flush=True)
+        print(skipped_report(loaded.source, loaded.skipped[-len(bad):],
+                             f"row(s) with labels never seen in training (training labels: {shown})"), flush=True)
         return
     x = labels[bad[0]]
     hint = closest(str(x), map(str, label_list)) if isinstance(x, str) else ""
     more = f"; {len(bad) - 1} more rows have unseen labels" if len(bad) > 1 else ""
     raise LmforgeError(f"{loaded.loc(bad[0])}: label {x!r} never seen in training{hint} (training labels: "
                        f"{shown}){more}")
+
+
+def skipped_report(source: str, skipped: list[str], what: str = "bad row(s)") -> str:
+    """What --skip-bad-rows skipped: the count, then the first ten, one per line."""
+    return (f"{source}: skipped {len(skipped)} {what}:\n  " + "\n  ".join(skipped[:10])
+            + ("\n  ..." if len(skipped) > 10 else ""))
 
 
 def check_label_names(loaded: Loaded) -> None:

@@ -194,15 +194,13 @@ def _own_kernel(model, kernel: str | None):
 
 def _load_data(cfg: FinetuneConfig, task):
     """(train, {"validation": ..., "test": ...}) as Loaded sets, holding out a slice when needed."""
-    from lmforge.data.labelled import Loaded, build_label_map, data_splits, holdout, load_examples
+    from lmforge.data.labelled import Loaded, build_label_map, data_splits, holdout, load_examples, skipped_report
 
     def load(spec, split, prefer=None):
         data = load_examples(spec, cfg.task, task.fields(), split=split, skip_bad_rows=cfg.skip_bad_rows,
                              prefer=prefer)
         if data.skipped:
-            shown = "\n  ".join(data.skipped[:10])
-            print(f"{data.source}: skipped {len(data.skipped)} bad row(s):\n  {shown}"
-                  + ("\n  ..." if len(data.skipped) > 10 else ""), flush=True)
+            print(skipped_report(data.source, data.skipped), flush=True)
         if not data.rows:
             raise LmforgeError(f"{data.source}: no usable examples")
         return data
@@ -325,7 +323,9 @@ def run(cfg: FinetuneConfig) -> dict:
     rt = setup_runtime(cfg.device)
     precision = resolve_precision(cfg.precision, rt.device)
     torch.manual_seed(cfg.seed)
-    resume_from = ckpt.latest_checkpoint(out) if cfg.resume else ckpt.refuse_earlier_run(out)
+    if not cfg.resume:
+        ckpt.refuse_earlier_run(out)
+    resume_from = ckpt.latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume_from is None:
         raise LmforgeError(f"--resume: no checkpoint in {out / 'checkpoints'}")
 

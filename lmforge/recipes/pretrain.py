@@ -89,10 +89,10 @@ def model_config(cfg: PretrainConfig, vocab_size: int, tokenizer):
 
 
 def prepare_tokenizer(cfg: PretrainConfig, out: Path, sources):
+    import json
+
     from lmforge.data.corpus import iter_documents
     from lmforge.tokenizer.bpe import load_tokenizer, train_bpe
-
-    import json
 
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
@@ -139,7 +139,9 @@ def run(cfg: PretrainConfig) -> dict:
     precision = resolve_precision(cfg.precision, rt.device)
     torch.manual_seed(cfg.seed + rt.rank)
 
-    resume_from = ckpt.latest_checkpoint(out) if cfg.resume else ckpt.refuse_earlier_run(out)
+    if not cfg.resume:
+        ckpt.refuse_earlier_run(out)
+    resume_from = ckpt.latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume_from is None:
         raise LmforgeError(f"--resume: no checkpoint in {out / 'checkpoints'}")
 

@@ -107,7 +107,6 @@ def refuse_earlier_run(out_dir: str | Path) -> None:
     if found:
         raise LmforgeError(f"{out_dir} holds checkpoints of an earlier run (up to {found[-1]}): continue it with "
                            f"--resume, or start afresh in another --out (or after rm -r {root})")
-    return None
 
 
 def load_trainer_state(ckpt: Path) -> dict:
