@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -165,9 +167,38 @@ def test_lora_merged_and_adapter(tiny_bert, sentiment, tmp_path):
               "--out", tmp_path / "adapter", "--lora", "--save-adapter", "--max-steps", "2", "--batch-size", "8",
               "--no-progress")
     assert res.code == 0, res.err
-    assert (tmp_path / "adapter" / "final" / "adapter_config.json").exists()
-    assert_user_error(cli("predict", "--model", tmp_path / "adapter", "--text", "fine"), "a LoRA adapter (PEFT)",
-                      "without --save-adapter")
+    final = tmp_path / "adapter" / "final"
+    assert (final / "adapter_config.json").exists() and not (final / "config.json").exists()
+    # lmforge reads the adapter as a model: merged onto its base once (cached), head and class names included
+    saved = json.loads((tmp_path / "adapter" / "metrics.json").read_text())["validation"]
+    res = cli("evaluate", "--model", tmp_path / "adapter", "--task", "classify", "--data", val)
+    assert res.code == 0, res.err
+    assert json.loads(res.out)["accuracy"] == saved["accuracy"]
+    assert "merging LoRA adapter" in res.err
+    res = cli("predict", "--model", final, "--text", "a joy to watch")
+    assert res.code == 0, res.err
+    assert "merging" not in res.err  # the cached merge is reused
+    pred = json.loads(res.out.splitlines()[-1])
+    assert pred["label"] in ("pos", "neg") and set(pred["scores"]) == {"pos", "neg"}
+    # a checkpoint of a LoRA run is an adapter too
+    step = next((tmp_path / "adapter" / "checkpoints").glob("step-*"))
+    assert cli("predict", "--model", step, "--text", "a joy to watch").code == 0
+    # plain peft loads it, given the head recorded beside it
+    from peft import AutoPeftModelForSequenceClassification
+
+    head = json.loads((final / "lmforge_model_config.json").read_text())
+    assert head["id2label"] == {"0": "neg", "1": "pos"} or head["id2label"] == {"0": "pos", "1": "neg"}
+    AutoPeftModelForSequenceClassification.from_pretrained(final, num_labels=2, id2label=head["id2label"])
+    # a base model that is not there any more is named, not a traceback
+    moved = tmp_path / "moved"
+    shutil.copytree(final, moved)
+    acfg = json.loads((moved / "adapter_config.json").read_text())
+    acfg["base_model_name_or_path"] = str(tmp_path / "gone")
+    (moved / "adapter_config.json").write_text(json.dumps(acfg))
+    extras = yaml.safe_load((moved / "lmforge_config.yaml").read_text())
+    extras["finetune"]["model"] = str(tmp_path / "gone")
+    (moved / "lmforge_config.yaml").write_text(yaml.safe_dump(extras))
+    assert_user_error(cli("predict", "--model", moved, "--text", "fine"), "is not on this machine", "gone")
 
 
 def test_resume_matches_uninterrupted(tiny_bert, sentiment, tmp_path):
@@ -400,6 +431,31 @@ def test_sft_end_to_end(tiny_run, tmp_path):
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
     AutoModelForCausalLM.from_pretrained(out / "final")
     pred = cli("predict", "--model", out, "--text", "Say king.", "--max-new-tokens", "5")
+    assert pred.code == 0, pred.err
+    assert "reply" in json.loads(pred.out)
+
+
+def test_sft_lora_adapter_reads_as_its_merged_model(tiny_run, tmp_path):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    rows = [{"prompt": f"Say {w}.", "response": f"{w} {w}"} for w in ("king", "queen", "lord", "lady", "duke")] * 3
+    data = _write_jsonl(tmp_path / "chat.jsonl", rows)
+    out = tmp_path / "sft"
+    res = cli("finetune", "--task", "sft", "--model", tiny_run.final, "--train", data, "--validation", data,
+              "--out", out, "--max-steps", "3", "--batch-size", "4", "--no-progress", "--max-new-tokens", "4",
+              "--lora", "--save-adapter", "--lr", "1e-2")
+    assert res.code == 0, res.err
+    saved = json.loads((out / "metrics.json").read_text())["validation"]
+    res = cli("evaluate", "--model", out, "--task", "sft", "--data", data, "--max-new-tokens", "4")
+    assert res.code == 0, res.err
+    assert json.loads(res.out)["loss"] == pytest.approx(saved["loss"], rel=1e-4)
+    # the merged folder stops where the fine-tuned model was taught to: the end-of-turn id sft set
+    merged = next((Path(os.environ["LMFORGE_CACHE"]) / "models" / "merged").glob("sft-final-*"))
+    end = AutoTokenizer.from_pretrained(merged).convert_tokens_to_ids("<|im_end|>")
+    eos = GenerationConfig.from_pretrained(merged).eos_token_id
+    assert end in (eos if isinstance(eos, list) else [eos])
+    assert (merged / "lmforge_config.yaml").exists()
+    pred = cli("predict", "--model", out / "final", "--text", "Say king.", "--max-new-tokens", "5")
     assert pred.code == 0, pred.err
     assert "reply" in json.loads(pred.out)
 

@@ -10,7 +10,9 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from lmforge.errors import LmforgeError, closest
@@ -58,9 +60,7 @@ def resolve_model(spec: str) -> Path:
             return path / "final"
         adapter = next((p for p in (path, path / "final") if (p / "adapter_config.json").exists()), None)
         if adapter is not None:  # --save-adapter, or a checkpoint of a LoRA run
-            raise LmforgeError(f"{adapter}: a LoRA adapter (PEFT) without its base model's weights; lmforge reads "
-                               "merged models: fine-tune without --save-adapter for a merged DIR/final, or load "
-                               "the adapter with peft's AutoPeftModelFor... classes")
+            return merge_adapter(adapter)
         raise LmforgeError(f"{path}: not a model folder (no config.json; expected a Hugging Face folder or "
                            f"an lmforge output folder with final/)")
     if path.exists():
@@ -127,6 +127,96 @@ def convert_gguf(gguf_path: Path, out: Path) -> Path:
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+    return out
+
+
+# PEFT's task types and the Auto class each one's adapter sits on
+ADAPTER_AUTO_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "QUESTION_ANS": "AutoModelForQuestionAnswering",
+                        "CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM"}
+# Written beside a saved adapter: the config of the model it was trained on, head included (num_labels,
+# id2label, problem_type, pad id), which adapter_config.json does not record.
+ADAPTER_MODEL_CONFIG = "lmforge_model_config.json"
+
+
+def _adapter_base(adapter: Path, acfg: dict) -> Path:
+    """The base model an adapter was trained on: the folder PEFT recorded, else the --model the lmforge run was
+    given (an alias still resolves on another machine), else the recorded name as a hub id."""
+    import yaml
+
+    recorded = acfg.get("base_model_name_or_path") or ""
+    given = None
+    if (adapter / "lmforge_config.yaml").exists():
+        extras = yaml.safe_load((adapter / "lmforge_config.yaml").read_text(encoding="utf-8")) or {}
+        given = ((extras.get("finetune") or {}).get("model") if isinstance(extras, dict) else None)
+    for spec in (recorded, given):
+        if spec and ((Path(spec).expanduser() / "config.json").exists() or spec in ALIASES):
+            return resolve_model(spec)
+    if recorded and not Path(recorded).is_absolute():
+        return resolve_model(recorded)
+    raise LmforgeError(f"{adapter}: a LoRA adapter whose base model {recorded or given or '(not recorded)'} is not "
+                       f"on this machine; put it back there, or set base_model_name_or_path in "
+                       f"{adapter / 'adapter_config.json'}")
+
+
+def merge_adapter(adapter: Path) -> Path:
+    """A LoRA adapter folder (PEFT) as a merged Hugging Face folder: merged once onto its base model and cached
+    by the adapter's content, so predict, evaluate, serve and chat read it as they read a merged DIR/final."""
+    import hashlib
+
+    try:
+        acfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LmforgeError(f"{adapter / 'adapter_config.json'}: not a readable PEFT adapter config ({e})") from None
+    auto = ADAPTER_AUTO_CLASSES.get(acfg.get("task_type"))
+    if auto is None:
+        raise LmforgeError(f"{adapter / 'adapter_config.json'}: task_type {acfg.get('task_type')!r} is not one lmforge "
+                           f"reads ({', '.join(ADAPTER_AUTO_CLASSES)})")
+    base = _adapter_base(adapter, acfg)
+    digest = hashlib.sha256(str(base.resolve()).encode())
+    files = sorted(f for f in adapter.iterdir() if f.is_file())
+    for f in files:
+        digest.update(f.name.encode())
+        digest.update(f.read_bytes())
+    out = models_cache() / "merged" / f"{adapter.resolve().parent.name}-{adapter.name}-{digest.hexdigest()[:16]}"
+    if (out / "config.json").exists():
+        return out
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    from lmforge.tasks.base import dtype_kw
+
+    print(f"merging LoRA adapter {adapter} onto {base} (once) -> {out}", file=sys.stderr, flush=True)
+    kw = dtype_kw(torch.float32)
+    if (adapter / ADAPTER_MODEL_CONFIG).exists():
+        cfg = json.loads((adapter / ADAPTER_MODEL_CONFIG).read_text(encoding="utf-8"))
+        kw["config"] = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    # The base loads without the task head (a "newly initialized" report); the adapter brings the trained one.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        model = getattr(transformers, auto).from_pretrained(str(base), **kw)
+        with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise LmforgeError(f"{adapter}: the LoRA adapter does not load onto {base} ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-merge-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        # tokenizer, chat template, generation config, lmforge_config.yaml: the adapter folder's own, as saved
+        for f in files:
+            if not f.name.startswith("adapter_") and f.name not in (ADAPTER_MODEL_CONFIG, "README.md"):
+                shutil.copy2(f, tmp / f.name)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

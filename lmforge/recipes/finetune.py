@@ -276,6 +276,13 @@ def _save_model(model, tokenizer, folder: Path, merge: bool, extras: dict) -> No
         merged.save_pretrained(folder, safe_serialization=True)
     else:
         model.save_pretrained(folder, safe_serialization=True)
+        if is_peft:  # what adapter_config.json lacks to rebuild the model: its head (num_labels, id2label...)
+            from lmforge.model.hub import ADAPTER_MODEL_CONFIG
+
+            inner = model.get_base_model()
+            (folder / ADAPTER_MODEL_CONFIG).write_text(inner.config.to_json_string(), encoding="utf-8")
+            if getattr(inner, "generation_config", None) is not None and inner.can_generate():
+                inner.generation_config.save_pretrained(folder)  # the end-of-turn ids sft set
     tokenizer.save_pretrained(folder)
     (folder / "lmforge_config.yaml").write_text(yaml.safe_dump(extras, sort_keys=False, allow_unicode=True),
                                                 encoding="utf-8")
