@@ -189,8 +189,12 @@ def merge_adapter(adapter: Path) -> Path:
     print(f"merging LoRA adapter {adapter} onto {base} (once) -> {out}", file=sys.stderr, flush=True)
     kw = dtype_kw(torch.float32)
     if (adapter / ADAPTER_MODEL_CONFIG).exists():
-        cfg = json.loads((adapter / ADAPTER_MODEL_CONFIG).read_text(encoding="utf-8"))
-        kw["config"] = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        try:
+            cfg = json.loads((adapter / ADAPTER_MODEL_CONFIG).read_text(encoding="utf-8"))
+            kw["config"] = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, ValueError) as e:
+            raise LmforgeError(f"{adapter / ADAPTER_MODEL_CONFIG}: not a model config ({type(e).__name__}: {e})") \
+                from None
     # The base loads without the task head (a "newly initialized" report); the adapter brings the trained one.
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
@@ -212,9 +216,11 @@ def merge_adapter(adapter: Path) -> Path:
         for f in files:
             if not f.name.startswith("adapter_") and f.name not in (ADAPTER_MODEL_CONFIG, "README.md"):
                 shutil.copy2(f, tmp / f.name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process (a torchrun rank) merged the same adapter first
+            if not (out / "config.json").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
