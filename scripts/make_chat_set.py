@@ -41,6 +41,7 @@ COUNTS = {"train": {"rotten_tomatoes": 500, "chinese_reviews": 500, "bible_en_es
 MAX_CHARS = {"chinese_reviews": 200, "bible_en_es": 220}  # short rows keep a CPU demo fast
 SYSTEM_SHARE, TWO_TURN_SHARE, INTO_ENGLISH_SHARE = 0.25, 0.15, 0.2
 NO_ANSWER = "The passage does not say."
+OTHER_PASSAGE_TRAIN = 120  # train questions asked of an unrelated passage (reply: NO_ANSWER)
 
 SYSTEMS = ["You are a helpful assistant.", "You are a concise assistant. Reply with the answer only.",
            "You are a careful assistant that answers briefly and exactly."]
@@ -129,6 +130,43 @@ def build_split(split: str, rng: random.Random) -> list[dict]:
     return chats
 
 
+# books that tell the same stories: a question about one may be answered by a passage of another
+PARALLEL = {"Matthew": "Gospels", "Mark": "Gospels", "Luke": "Gospels", "John": "Gospels",
+            "1 Samuel": "Samuel-Kings", "2 Samuel": "Samuel-Kings", "1 Kings": "Samuel-Kings", "2 Kings": "Samuel-Kings"}
+
+
+def story(title: str) -> str:
+    """'2 Kings 5' -> 'Samuel-Kings', 'Genesis 37' -> 'Genesis', 'Macbeth' -> 'Macbeth'."""
+    head, _, last = title.rpartition(" ")
+    book = head if last.isdigit() else title
+    return PARALLEL.get(book, book)
+
+
+def other_passage_chats(n: int, start: int, rng: random.Random) -> list[dict]:
+    """Train-only refusals: a train question asked of another story's passage, which cannot hold its answer.
+    lmforge_qa has few unanswerable questions (57 in train), too few to teach a model to refuse; these add
+    the plain case (the passage is about something else) without touching validation or test."""
+    rows = read_jsonl_gz(BUILTIN / "lmforge_qa" / "train.jsonl.gz")
+    first = {}  # each passage once, as the first row that has it
+    for j, r in enumerate(rows):
+        first.setdefault(r["context"], j)
+    chats = []
+    for i in sorted(rng.sample(range(len(rows)), n)):
+        q = rows[i]
+        answers = [a.lower() for a in q["answers"]["text"]]
+        # another book or play (not a parallel telling), and none of the question's gold answers in it
+        options = [j for j in first.values() if story(rows[j]["title"]) != story(q["title"])
+                   and not any(a in rows[j]["context"].lower() for a in answers)]
+        j = rng.choice(options)
+        prompt = rng.choice(QA).format(context=rows[j]["context"], question=q["question"])
+        messages = [{"role": "system", "content": rng.choice(SYSTEMS)}] if rng.random() < SYSTEM_SHARE else []
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": NO_ANSWER}]
+        chats.append({"id": f"train-{start + len(chats) + 1:04d}", "tasks": ["qa_other_passage"],
+                      "sources": [f"lmforge_qa:train:{i + 1}"], "passage_from": f"lmforge_qa:train:{j + 1}",
+                      "messages": messages})
+    return chats
+
+
 def encode(rows: list[dict]) -> bytes:
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as f:
@@ -147,7 +185,8 @@ def validate(split: str, rows: list[dict]) -> None:
 
 
 def table(splits: dict[str, list[dict]]) -> str:
-    kinds = ["sentiment_en", "sentiment_zh", "translate_en_es", "translate_es_en", "qa", "qa_unanswerable"]
+    kinds = ["sentiment_en", "sentiment_zh", "translate_en_es", "translate_es_en", "qa", "qa_unanswerable",
+             "qa_other_passage"]
     lines = ["| split | chats | two-task chats | with a system message | " + " | ".join(kinds) + " |",
              "|---|---:|---:|---:|" + "---:|" * len(kinds)]
     for split, rows in splits.items():
@@ -165,6 +204,8 @@ def main() -> int:
     args = ap.parse_args()
     rng = random.Random(SEED)
     splits = {s: build_split(s, rng) for s in COUNTS}
+    # appended from a stream of their own, so the other chats (and validation and test) stay as they were
+    splits["train"] += other_passage_chats(OTHER_PASSAGE_TRAIN, len(splits["train"]), random.Random(SEED + 1))
     for split, rows in splits.items():
         validate(split, rows)
     if args.check:

@@ -316,8 +316,13 @@ def test_builtin_chat_set_is_reproducible_and_split_by_source_split():
                 assert s.split(":")[1] == split
                 seen.setdefault(s.rsplit(":", 2)[0] + ":" + s.rsplit(":", 1)[1], set()).add(split)
         kinds = {k for r in raw for k in r["tasks"]}
+        # questions asked of another story's passage, to teach refusing: train only
         assert kinds == {"sentiment_en", "sentiment_zh", "translate_en_es", "translate_es_en", "qa",
-                         "qa_unanswerable"}
+                         "qa_unanswerable"} | ({"qa_other_passage"} if split == "train" else set())
+        for r in raw:
+            if "qa_other_passage" in r["tasks"]:
+                assert r["passage_from"].split(":")[1] == "train"
+                assert r["messages"][-1]["content"] == "The passage does not say."
     root = Path(__file__).resolve().parents[1]
     res = subprocess.run([sys.executable, str(root / "scripts" / "make_chat_set.py"), "--check"],
                          capture_output=True, text=True)
