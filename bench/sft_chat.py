@@ -2,14 +2,17 @@
 
     .venv/bin/python bench/sft_chat.py --json docs/results/smollm2_sft_chat.json     # ~25 minutes on 2 cores
     .venv/bin/python bench/sft_chat.py --max-test 40 --max-train 200                 # a quick look
+    .venv/bin/python bench/sft_chat.py --fine-tuned RUN_DIR ...     # rescore a finished `finetune --task sft` run
 
 SmolLM2-135M-Instruct (packaged) answers the `lmforge_chat` test chats greedily, zero-shot; it is then
 fine-tuned with LoRA on `lmforge_chat:train` (lmforge's defaults) and answers them again. Every reply is
 scored by the kind of its task:
   sentiment (English, Chinese): accuracy of the first label word the reply uses (Positive/Negative, 正面/负面);
   translation (en->es, es->en): corpus BLEU and chrF (sacreBLEU);
-  extractive QA: SQuAD exact match and F1 on answerable questions; on unanswerable ones the share of replies
-  that say "The passage does not say";
+  extractive QA: SQuAD exact match and F1 on answerable questions, and the share of those the reply declines
+  ("false_refusals"); on unanswerable ones the share of replies that decline ("says_not_in_passage"). A reply
+  declines when it opens with "The passage does not ..." in any wording (say, specify, mention, explicitly
+  state); the `_exact` variants count only the taught sentence "The passage does not say." alone;
 and, over all replies, the share that ended with the end-of-turn token within --max-new-tokens ("stopped"),
 and the mean reply length in tokens.
 """
@@ -44,7 +47,7 @@ from lmforge.tasks.sft import (encode_text, end_token_ids, generate_batch, load_
                                setup_chat, split_for_generation)
 from lmforge.train.common import autocast  # noqa: E402
 
-NO_ANSWER = "the passage does not say"
+NO_ANSWER = "The passage does not say."  # the refusal the training chats teach (lmforge_chat qa_unanswerable)
 LABEL_WORDS = {"sentiment_en": {"positive": "Positive", "negative": "Negative"},
                "sentiment_zh": {"正面": "正面", "好评": "正面", "积极": "正面",
                                 "负面": "负面", "差评": "负面", "消极": "负面"}}
@@ -67,6 +70,13 @@ def first_label(kind: str, reply: str) -> str | None:
     return min(hits)[1] if hits else None
 
 
+def refuses(reply: str, exact: bool = False) -> bool:
+    """Whether the reply declines: opens with "The passage does not" (exact: is the taught sentence alone).
+    Compared after SQuAD normalisation, which drops "the", case and punctuation."""
+    text = normalize_answer(reply)
+    return text == normalize_answer(NO_ANSWER) if exact else text.startswith(normalize_answer("The passage does not"))
+
+
 def score(rows: list[dict], replies: list[str], stopped: list[bool], lengths: list[int]) -> dict:
     """Metrics per task kind over the last reply of each chat (see the module docstring)."""
     by_kind: dict[str, list[tuple[str, str]]] = {}
@@ -84,9 +94,12 @@ def score(rows: list[dict], replies: list[str], stopped: list[bool], lengths: li
         elif kind == "qa":
             ems, f1s = zip(*(squad_em_f1(r, [ref]) for r, ref in pairs))
             out[kind] = {"exact_match": 100 * sum(ems) / len(pairs), "f1": 100 * sum(f1s) / len(pairs),
+                         "false_refusals": sum(refuses(r) for r, _ in pairs) / len(pairs),
+                         "false_refusals_exact": sum(refuses(r, exact=True) for r, _ in pairs) / len(pairs),
                          "n": len(pairs)}
         else:  # qa_unanswerable
-            out[kind] = {"says_not_in_passage": sum(NO_ANSWER in normalize_answer(r) for r, _ in pairs) / len(pairs),
+            out[kind] = {"says_not_in_passage": sum(refuses(r) for r, _ in pairs) / len(pairs),
+                         "says_not_in_passage_exact": sum(refuses(r, exact=True) for r, _ in pairs) / len(pairs),
                          "n": len(pairs)}
     return out
 
@@ -126,7 +139,8 @@ def show(name: str, s: dict) -> None:
         if kind in s:
             parts.append(f"{kind} BLEU {s[kind]['bleu']:.2f}")
     if "qa" in s:
-        parts.append(f"qa EM {s['qa']['exact_match']:.1f} F1 {s['qa']['f1']:.1f}")
+        parts.append(f"qa EM {s['qa']['exact_match']:.1f} F1 {s['qa']['f1']:.1f} "
+                     f"refused {100 * s['qa']['false_refusals']:.1f} %")
     if "qa_unanswerable" in s:
         parts.append(f"unanswerable {100 * s['qa_unanswerable']['says_not_in_passage']:.1f} %")
     print(f"{name}: " + " | ".join(parts), flush=True)
@@ -141,7 +155,10 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16, help="generation batch size")
     ap.add_argument("--out", type=Path, help="fine-tuning output folder (default: a temporary one)")
-    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--fine-tuned", type=Path, metavar="RUN_DIR",
+                    help="skip fine-tuning: score RUN_DIR/final of an earlier run (its metrics.json is reported)")
+    ap.add_argument("--json", type=Path, help="write the results here, and every reply beside it "
+                                              "(NAME_replies.jsonl) so the replies can be rescored")
     args = ap.parse_args()
 
     rows = chats("test", args.max_test)
@@ -149,21 +166,24 @@ def main() -> int:
     before, before_records = replies(base, rows, args.max_new_tokens, args.batch_size)
     show("zero-shot", before)
 
-    work = args.out or Path(tempfile.mkdtemp(prefix="lmforge-sft-bench-")) / "run"
+    work = args.fine_tuned or args.out or Path(tempfile.mkdtemp(prefix="lmforge-sft-bench-")) / "run"
     cmd = [sys.executable, "-m", "lmforge", "finetune", "--task", "sft", "--model", args.model, "--train",
            "lmforge_chat", "--out", str(work), "--lora", "--epochs", str(args.epochs), "--no-progress",
            "--max-new-tokens", str(args.max_new_tokens)]
     if args.max_train:
         cmd += ["--max-train-examples", str(args.max_train)]
-    t0 = time.time()
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    finetune_seconds = time.time() - t0
+    if args.fine_tuned:
+        cmd, finetune_seconds = [], None
+    else:
+        t0 = time.time()
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        finetune_seconds = round(time.time() - t0, 1)
     metrics = json.loads((work / "metrics.json").read_text())
     after, after_records = replies(work / "final", rows, args.max_new_tokens, args.batch_size)
     show("fine-tuned", after)
 
-    result = {"model": args.model, "test_chats": len(rows), "finetune_command": " ".join(cmd[1:]),
-              "finetune_seconds": round(finetune_seconds, 1), "finetune_metrics": metrics,
+    result = {"model": args.model, "test_chats": len(rows), "finetune_command": " ".join(cmd[1:]) or f"(earlier run {work})",
+              "finetune_seconds": finetune_seconds, "finetune_metrics": metrics,
               "zero_shot": before, "fine_tuned": after,
               "examples": [{"id": b["id"], "task": b["task"], "reference": b["reference"],
                             "zero_shot": b["reply"], "fine_tuned": a["reply"]}
@@ -171,7 +191,14 @@ def main() -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+        sidecar = args.json.with_name(args.json.stem + "_replies.jsonl")
+        with sidecar.open("w", encoding="utf-8") as f:
+            for b, a in zip(before_records, after_records):
+                f.write(json.dumps({"id": b["id"], "task": b["task"], "reference": b["reference"],
+                                    "zero_shot": b["reply"], "zero_shot_stopped": b["stopped"],
+                                    "fine_tuned": a["reply"], "fine_tuned_stopped": a["stopped"]},
+                                   ensure_ascii=False) + "\n")
+        print(f"wrote {args.json} and {sidecar}")
     return 0
 
 
