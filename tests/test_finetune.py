@@ -171,6 +171,8 @@ def test_lora_merged_and_adapter(tiny_bert, sentiment, tmp_path):
     assert (final / "adapter_config.json").exists() and not (final / "config.json").exists()
     # lmforge reads the adapter as a model: merged onto its base once (cached), head and class names included
     saved = json.loads((tmp_path / "adapter" / "metrics.json").read_text())["validation"]
+    cache = Path(os.environ["LMFORGE_CACHE"]) / "models" / "merged"
+    before = set(cache.iterdir()) if cache.exists() else set()
     res = cli("evaluate", "--model", tmp_path / "adapter", "--task", "classify", "--data", val)
     assert res.code == 0, res.err
     assert json.loads(res.out)["accuracy"] == saved["accuracy"]
@@ -178,6 +180,14 @@ def test_lora_merged_and_adapter(tiny_bert, sentiment, tmp_path):
     res = cli("predict", "--model", final, "--text", "a joy to watch")
     assert res.code == 0, res.err
     assert "merging" not in res.err  # the cached merge is reused
+    (first,) = set(cache.iterdir()) - before
+    # the adapter changes in place (as a retrain to the same --out changes it): merged again, the stale copy removed
+    acfg = json.loads((final / "adapter_config.json").read_text())
+    (final / "adapter_config.json").write_text(json.dumps(acfg, indent=1))
+    res = cli("predict", "--model", final, "--text", "a joy to watch")
+    assert res.code == 0 and "merging LoRA adapter" in res.err, res.err
+    (second,) = set(cache.iterdir()) - before
+    assert second != first and not first.exists()
     pred = json.loads(res.out.splitlines()[-1])
     assert pred["label"] in ("pos", "neg") and set(pred["scores"]) == {"pos", "neg"}
     # a checkpoint of a LoRA run is an adapter too

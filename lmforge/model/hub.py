@@ -177,7 +177,10 @@ def merge_adapter(adapter: Path) -> Path:
     for f in files:
         digest.update(f.name.encode())
         digest.update(f.read_bytes())
-    out = models_cache() / "merged" / f"{adapter.resolve().parent.name}-{adapter.name}-{digest.hexdigest()[:16]}"
+    # One folder per adapter path (its prefix) and content (the digest): a retrain to the same --out re-merges.
+    where = hashlib.sha256(str(adapter.resolve()).encode()).hexdigest()[:8]
+    prefix = f"{adapter.resolve().parent.name}-{adapter.name}-{where}-"
+    out = models_cache() / "merged" / f"{prefix}{digest.hexdigest()[:16]}"
     if (out / "config.json").exists():
         return out
     import torch
@@ -223,6 +226,11 @@ def merge_adapter(adapter: Path) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    # Merges of this adapter folder's earlier contents can never be read again (the digest changed): without
+    # this, every retrain to the same --out would leave a full model copy behind in the cache.
+    for stale in out.parent.iterdir():
+        if stale.name.startswith(prefix) and stale != out:
+            shutil.rmtree(stale, ignore_errors=True)
     return out
 
 
