@@ -173,31 +173,29 @@ def main() -> int:
     if args.max_train:
         cmd += ["--max-train-examples", str(args.max_train)]
     if args.fine_tuned:
-        cmd, finetune_seconds = [], None
+        finetune_command, finetune_seconds = f"(earlier run {work})", None
     else:
         t0 = time.time()
         subprocess.run(cmd, check=True, cwd=ROOT)
-        finetune_seconds = round(time.time() - t0, 1)
+        finetune_command, finetune_seconds = " ".join(cmd[1:]), round(time.time() - t0, 1)
     metrics = json.loads((work / "metrics.json").read_text())
     after, after_records = replies(work / "final", rows, args.max_new_tokens, args.batch_size)
     show("fine-tuned", after)
 
-    result = {"model": args.model, "test_chats": len(rows), "finetune_command": " ".join(cmd[1:]) or f"(earlier run {work})",
+    paired = [{"id": b["id"], "task": b["task"], "reference": b["reference"],
+               "zero_shot": b["reply"], "zero_shot_stopped": b["stopped"],
+               "fine_tuned": a["reply"], "fine_tuned_stopped": a["stopped"]}
+              for b, a in zip(before_records, after_records)]
+    result = {"model": args.model, "test_chats": len(rows), "finetune_command": finetune_command,
               "finetune_seconds": finetune_seconds, "finetune_metrics": metrics,
               "zero_shot": before, "fine_tuned": after,
-              "examples": [{"id": b["id"], "task": b["task"], "reference": b["reference"],
-                            "zero_shot": b["reply"], "fine_tuned": a["reply"]}
-                           for b, a in list(zip(before_records, after_records))[:12]]}
+              "examples": [{k: p[k] for k in ("id", "task", "reference", "zero_shot", "fine_tuned")}
+                           for p in paired[:12]]}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         sidecar = args.json.with_name(args.json.stem + "_replies.jsonl")
-        with sidecar.open("w", encoding="utf-8") as f:
-            for b, a in zip(before_records, after_records):
-                f.write(json.dumps({"id": b["id"], "task": b["task"], "reference": b["reference"],
-                                    "zero_shot": b["reply"], "zero_shot_stopped": b["stopped"],
-                                    "fine_tuned": a["reply"], "fine_tuned_stopped": a["stopped"]},
-                                   ensure_ascii=False) + "\n")
+        sidecar.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in paired), encoding="utf-8")
         print(f"wrote {args.json} and {sidecar}")
     return 0
 

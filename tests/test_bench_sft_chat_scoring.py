@@ -1,6 +1,5 @@
 """bench/sft_chat.py's scoring is pure: a wrong count there once reported a refusing model as never refusing."""
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
@@ -10,17 +9,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():
-    before = os.environ.get("LMFORGE_NO_TCMALLOC")
-    os.environ["LMFORGE_NO_TCMALLOC"] = "1"  # the bench re-execs itself under tcmalloc at import otherwise
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMFORGE_NO_TCMALLOC", "1")  # the bench re-execs itself under tcmalloc at import otherwise
         spec = importlib.util.spec_from_file_location("sft_chat_bench", ROOT / "bench" / "sft_chat.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    finally:
-        if before is None:
-            os.environ.pop("LMFORGE_NO_TCMALLOC")
-        else:
-            os.environ["LMFORGE_NO_TCMALLOC"] = before
     return module
 
 

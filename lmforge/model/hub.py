@@ -178,8 +178,8 @@ def merge_adapter(adapter: Path) -> Path:
         digest.update(f.name.encode())
         digest.update(f.read_bytes())
     # One folder per adapter path (its prefix) and content (the digest): a retrain to the same --out re-merges.
-    where = hashlib.sha256(str(adapter.resolve()).encode()).hexdigest()[:8]
-    prefix = f"{adapter.resolve().parent.name}-{adapter.name}-{where}-"
+    resolved = adapter.resolve()
+    prefix = f"{resolved.parent.name}-{adapter.name}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}-"
     out = models_cache() / "merged" / f"{prefix}{digest.hexdigest()[:16]}"
     if (out / "config.json").exists():
         return out
