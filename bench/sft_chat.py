@@ -160,6 +160,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write the results here, and every reply beside it "
                                               "(NAME_replies.jsonl) so the replies can be rescored")
     args = ap.parse_args()
+    if args.fine_tuned and not ((args.fine_tuned / "metrics.json").is_file() and (args.fine_tuned / "final").is_dir()):
+        ap.error(f"--fine-tuned {args.fine_tuned}: not a finished `lmforge finetune` run (needs metrics.json and final/)")
 
     rows = chats("test", args.max_test)
     base = resolve_model(args.model)
