@@ -72,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif is_list:
-            parser.add_argument(flag, nargs="+", type=tp, metavar=name.upper(), **kwargs)
+            # "extend": `--text a --text b` means both, as `--text a b` does (store kept only the last)
+            parser.add_argument(flag, nargs="+", action="extend", type=tp, metavar=name.upper(), **kwargs)
         else:
             parser.add_argument(flag, type=tp, metavar=name.upper() if "choices" not in meta else None, **kwargs)
 

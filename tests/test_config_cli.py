@@ -154,3 +154,16 @@ def test_bf16_on_a_cpu_without_it_says_it_is_emulated(monkeypatch, capsys):
     monkeypatch.setattr(common, "cpu_supports_bf16", lambda: True)
     assert common.resolve_precision("bf16", cpu) == "bf16" and capsys.readouterr().err == ""
     assert common.resolve_precision("auto", cpu) == "bf16"
+
+
+def test_a_repeated_list_option_adds_to_it():
+    import argparse
+
+    from lmforge import config as C
+    from lmforge.recipes.predict import PredictConfig
+
+    parser = argparse.ArgumentParser()
+    C.add_arguments(parser, PredictConfig)
+    # `--text A --text B` (as the predict docs write it) means both texts, not only the last
+    assert vars(parser.parse_args(["--text", "a", "--text", "b", "c"])) == {"text": ["a", "b", "c"]}
+    assert vars(parser.parse_args(["--text", "a", "b"])) == {"text": ["a", "b"]}

@@ -381,6 +381,29 @@ def test_pairs_predict_as_they_were_trained(tiny_bert, tmp_path):
         got = [json.loads(line) for line in pred.out.splitlines()]
         assert [g["text_pair"] for g in got] == ["yes", "no"]
         assert got[0]["scores"] != got[1]["scores"]  # the second text is read, not dropped
+    by_input = got
+    # --text: the pair is asked for, not silently dropped
+    assert_user_error(cli("predict", "--model", out, "--text", "I loved it"), "text pairs", "--text-pair")
+    assert_user_error(cli("predict", "--model", out, "--text", "I loved it", "--text-pair", "yes", "--text-pair",
+                          "no"), "--text-pair")
+    pred = cli("predict", "--model", out, "--text", "I loved it", "--text", "I loved it", "--text-pair", "yes",
+               "--text-pair", "no")
+    assert pred.code == 0, pred.err
+    assert [json.loads(line)["scores"] for line in pred.out.splitlines()] == [g["scores"] for g in by_input]
+    # and so does the server
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve import create_app
+
+    with TestClient(create_app(out / "final", model_name="pairs", device="cpu", precision="fp32")) as tc:
+        r = tc.post("/v1/classify", json={"input": "I loved it"})
+        assert r.status_code == 400 and "text_pair" in r.json()["error"]["message"]
+        assert tc.post("/v1/classify", json={"input": ["a", "b"], "text_pair": "c"}).status_code == 400
+        r = tc.post("/v1/classify", json={"input": ["I loved it"] * 2, "text_pair": ["yes", "no"]})
+        assert r.status_code == 200, r.text
+        served = [{x["label"]: x["score"] for x in d["labels"]} for d in r.json()["data"]]
+    for s_, g in zip(served, by_input):
+        assert served[0] != served[1] and all(abs(s_[k] - v) < 1e-4 for k, v in g["scores"].items())
 
 
 def test_eval_splits_fail_before_out_is_written(tiny_run, tmp_path):

@@ -94,6 +94,20 @@ def test_long_context_windows_point_at_answer(tokenizer):
     assert hits >= 1 and hits < len(feats)
 
 
+def test_a_stride_above_the_window_overlaps_half_not_all(tokenizer):
+    # --doc-stride 128 (the default) with --max-length 48: neighbouring windows share at most half their
+    # context, so each moves on by half a window, not by a token (which made hundreds of windows)
+    windows = make_windows(tokenizer, ["What was Abel?"], [LONG_CONTEXT], 48, 128)
+    firsts = [next(o for o in w["offsets"] if o is not None)[0] for w in windows]
+    n_ctx = len(tokenizer(LONG_CONTEXT, add_special_tokens=False)["input_ids"])
+    room = 48 - tokenizer.num_special_tokens_to_add(pair=True) - len(tokenizer("What was Abel?",
+                                                                              add_special_tokens=False)["input_ids"])
+    assert len(windows) <= 2 * n_ctx / room + 1
+    assert firsts == sorted(set(firsts))  # every window starts further on
+    ends = [[o for o in w["offsets"] if o is not None][-1][1] for w in windows]
+    assert ends[-1] == len(LONG_CONTEXT.rstrip())  # and the context is still covered to its end
+
+
 def test_unanswerable_points_at_cls(tokenizer):
     row = _row("1", "Who built the mill?", FILLER, None)
     task = _task(tokenizer, [row], max_length=32, doc_stride=8)

@@ -98,7 +98,8 @@ class FinetuneConfig:
     source_field: str | None = opt(None, "translate: the source-language field (e.g. en)")
     target_field: str | None = opt(None, "translate: the target-language field (e.g. es)")
     # ---- task details
-    doc_stride: int = opt(128, "qa: overlap between windows of a long context (tokens)", ge=1)
+    doc_stride: int = opt(128, "qa: overlap between windows of a long context (tokens; at most half the room "
+                                   "a window leaves for the context)", ge=1)
     max_answer_length: int = opt(30, "qa: longest answer span considered (tokens)", ge=1)
     n_best: int = opt(20, "qa: start/end candidates considered per window", ge=1)
     num_beams: int = opt(1, "translate/sft evaluation: beam search width (1: greedy)", ge=1)

@@ -24,6 +24,7 @@ class PredictConfig:
     task: str = opt("", "task (default: the one the folder was fine-tuned for)",
                     choices=["classify", "qa", "sft", "translate"])
     text: list[str] = opt([], "input text(s): a sentence to classify or translate, or a prompt")
+    text_pair: list[str] = opt([], "classify, a model fine-tuned on text pairs: the second text of each --text")
     question: str = opt("", "qa: the question")
     context: str = opt("", "qa: the passage to find the answer in")
     input: str | None = opt(None, "a data file (.jsonl/.csv/...) whose rows to predict")
@@ -47,6 +48,18 @@ def _rows(cfg: PredictConfig, task: str, t, extras: dict) -> list[dict]:
         return [{"question": cfg.question, "context": cfg.context}]
     if not cfg.text:
         raise LmforgeError("pass --text (one or more) or --input FILE")
+    if task != "classify" and cfg.text_pair:
+        raise LmforgeError("--text-pair is for classifiers fine-tuned on text pairs")
+    if task == "classify":
+        pair_field = (extras.get("data_fields") or {}).get("text_pair")
+        if pair_field and not cfg.text_pair:
+            # scoring the first text alone would give confident, meaningless labels
+            raise LmforgeError(f"this classifier was fine-tuned on text pairs (second text: '{pair_field}'); "
+                               f"give a --text-pair for each --text")
+        if cfg.text_pair and len(cfg.text_pair) != len(cfg.text):
+            raise LmforgeError(f"{len(cfg.text)} --text but {len(cfg.text_pair)} --text-pair: give one pair per text")
+        if cfg.text_pair:
+            return [{"text": x, "text_pair": y} for x, y in zip(cfg.text, cfg.text_pair)]
     return [{"text": x} for x in cfg.text]
 
 

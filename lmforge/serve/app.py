@@ -733,12 +733,22 @@ def _add_classify_route(app: FastAPI, state: State) -> None:
     async def classify(body: S.ClassifyRequest):
         state.check_model(body.model)
         texts = _texts(body.input)
-        rows, n_tokens = await _in_thread(state, _classify, state, texts)
+        pairs = None if body.text_pair is None else _texts(body.text_pair, "text_pair")
+        pair_field = (state.served.extras.get("data_fields") or {}).get("text_pair")
+        if pair_field and pairs is None:
+            # the first text alone would get a confident, meaningless label
+            raise APIError(400, f"text_pair: required, this classifier was fine-tuned on text pairs (second "
+                                f"text: '{pair_field}')", "text_pair", "invalid_value")
+        if pairs is not None and len(pairs) != len(texts):
+            raise APIError(400, f"text_pair: {len(pairs)} texts for {len(texts)} inputs", "text_pair",
+                           "invalid_value")
+        rows, n_tokens = await _in_thread(state, _classify, state, texts, pairs)
         return {"object": "list", "model": state.name,
                 "data": [{"index": i, **r} for i, r in enumerate(rows)], "usage": _usage(n_tokens)}
 
 
-def _classify(state: State, texts: list[str], batch_size: int = 32) -> tuple[list[dict], int]:
+def _classify(state: State, texts: list[str], pairs: list[str] | None = None,
+              batch_size: int = 32) -> tuple[list[dict], int]:
     from lmforge.tasks.classify import trained_max_length
 
     s = state.served
@@ -746,8 +756,8 @@ def _classify(state: State, texts: list[str], batch_size: int = 32) -> tuple[lis
     max_length = min(s.context_length, trained_max_length(s.extras, s.context_length))
     out, n_tokens = [], 0
     for b in range(0, len(texts), batch_size):
-        enc = tok(texts[b:b + batch_size], truncation=True, max_length=max_length, padding=True,
-                  return_tensors="pt")
+        enc = tok(texts[b:b + batch_size], pairs[b:b + batch_size] if pairs else None, truncation=True,
+                  max_length=max_length, padding=True, return_tensors="pt")
         n_tokens += int(enc["attention_mask"].sum())
         logits = model(**{k: v.to(s.device) for k, v in enc.items()}).logits.float().cpu()  # (B, C)
         if not s.labels:  # regression: one value

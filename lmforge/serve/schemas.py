@@ -86,6 +86,8 @@ class ChatCompletionRequest(_Sampling):
 class ClassifyRequest(_Body):
     model: str | None = None
     input: Text | list[Text] = Field(..., description="a text or a list of texts")
+    text_pair: Text | list[Text] | None = Field(None, description="for a classifier fine-tuned on text pairs: "
+                                                "the second text of each input, in the same shape")
 
 
 class EmbeddingsRequest(_Body):

@@ -65,9 +65,12 @@ def make_windows(tokenizer, questions: list[str], contexts: list[str], max_lengt
     questions, q_lens = _cap_questions(tokenizer, questions, room // 2)
     context_first = _context_first(tokenizer)
     ctx_seq = 0 if context_first else 1
-    # The Rust tokenizer panics (an uncatchable PanicException) unless stride < the tokens left for the
-    # context, i.e. room - question tokens. Clamp per example, and tokenise each distinct stride together.
-    strides = [max(0, min(doc_stride, room - q - 1)) for q in q_lens]
+    # The stride is the overlap between neighbouring windows. The Rust tokenizer panics (an uncatchable
+    # PanicException) unless it is below the tokens left for the context (room - question tokens), and an
+    # overlap near that bound moves each window on by a token or two: a 600-token context at --max-length 128
+    # would become ~480 windows. So overlap at most half the context room, per example, and tokenise each
+    # distinct stride together.
+    strides = [max(0, min(doc_stride, (room - q) // 2)) for q in q_lens]
     groups: dict[int, list[int]] = defaultdict(list)
     for i, s in enumerate(strides):
         groups[s].append(i)
