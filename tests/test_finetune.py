@@ -384,6 +384,7 @@ def test_pairs_predict_as_they_were_trained(tiny_bert, tmp_path):
     by_input = got
     # --text: the pair is asked for, not silently dropped
     assert_user_error(cli("predict", "--model", out, "--text", "I loved it"), "text pairs", "--text-pair")
+    assert_user_error(cli("predict", "--model", out, "--text", " ", "--text-pair", "yes"), "empty text")
     assert_user_error(cli("predict", "--model", out, "--text", "I loved it", "--text-pair", "yes", "--text-pair",
                           "no"), "--text-pair")
     pred = cli("predict", "--model", out, "--text", "I loved it", "--text", "I loved it", "--text-pair", "yes",
@@ -575,6 +576,48 @@ def test_regression_and_gradient_checkpointing(tiny_bert, tmp_path):
     assert {"mse", "pearson", "spearman"} <= set(m["validation"])
     model = AutoModelForSequenceClassification.from_pretrained(out / "final")
     assert model.config.num_labels == 1 and model.config.problem_type == "regression"
+
+
+def _strict_json(text: str):
+    def refuse(name):
+        raise AssertionError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_undefined_metrics_are_null_and_bad_outputs_are_named(tiny_bert, tmp_path):
+    rows = [{"text": f"a {w} film", "score": s} for w, s in (("great", 4.5), ("dull", 1.1), ("good", 3.9))] * 4
+    const = [{"text": "a fine film", "score": 2.5}, {"text": "a so-so film", "score": 2.5}]
+    out = tmp_path / "reg"
+    res = cli("finetune", "--task", "classify", "--model", tiny_bert, "--train", _write_jsonl(tmp_path / "t.jsonl", rows),
+              "--validation", _write_jsonl(tmp_path / "v.jsonl", const), "--out", out, "--max-steps", "2",
+              "--batch-size", "4", "--no-progress")
+    assert res.code == 0, res.err
+    # Pearson of a constant set is undefined: null, not a bare NaN that strict JSON readers refuse
+    m = _strict_json((out / "metrics.json").read_text())
+    assert m["validation"]["pearson"] is None and m["validation"]["mse"] > 0
+    assert all(_strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+    ev = cli("evaluate", "--model", out / "final", "--data", out.parent / "v.jsonl")
+    assert ev.code == 0 and _strict_json(ev.out)["pearson"] is None
+    # a regressor scored against a word, not a number
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"text": "a", "score": 1.5}, {"text": "b", "score": "high"}])
+    assert_user_error(cli("evaluate", "--model", out / "final", "--data", bad), "bad.jsonl:2", "'high'", "not a number")
+    # outputs that cannot be written are named before any work
+    assert_user_error(cli("evaluate", "--model", out / "final", "--data", bad, "--predictions",
+                          tmp_path / "no" / "p.jsonl"), "--predictions", "does not exist")
+    assert_user_error(cli("finetune", "--task", "classify", "--model", tiny_bert, "--train", tmp_path / "t.jsonl",
+                          "--out", tmp_path / "t.jsonl", "--max-steps", "1"), "--out", "is a file")
+
+
+def test_validation_labels_match_training_classes_by_name(tiny_bert, tmp_path):
+    # training labels "0"/"1"/"2" from JSON; the validation CSV's cells read as numbers: the same classes
+    rows = [{"text": f"{w} {i}", "label": str(i % 3)} for i, w in enumerate(["good", "bad", "meh"] * 8)]
+    csv = tmp_path / "v.csv"
+    csv.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows[:6]), encoding="utf-8")
+    out = tmp_path / "cls"
+    res = cli("finetune", "--task", "classify", "--model", tiny_bert, "--train", _write_jsonl(tmp_path / "t.jsonl", rows),
+              "--validation", csv, "--out", out, "--max-steps", "1", "--batch-size", "8", "--no-progress")
+    assert res.code == 0, res.err
+    assert json.loads((out / "metrics.json").read_text())["validation"]["n"] == 6
 
 
 def test_qa_lora(tiny_bert, tmp_path):

@@ -37,6 +37,9 @@ def test_regression_metrics():
     assert m["spearman"] == pytest.approx(0.9486832980505138)
     assert regression_metrics([1, 2, 3], [10, 100, 1000])["spearman"] == pytest.approx(1.0)
     assert math.isnan(regression_metrics([1, 1, 1], [1, 2, 3])["pearson"])
+    # constant predictions: undefined, not the ~1e-17 that rounding leaves after centring
+    assert math.isnan(regression_metrics([0, 0.5, 1], [0.1] * 3)["pearson"])
+    assert math.isnan(regression_metrics([i / 6 for i in range(7)], [0.7] * 7)["pearson"])
 
 
 @pytest.mark.parametrize("raw, expected", [

@@ -10,7 +10,7 @@ import torch
 
 from lmforge.data.labelled import load_examples
 from lmforge.recipes.finetune import FinetuneConfig
-from lmforge.tasks.translate import TranslateTask, language_name, translate
+from lmforge.tasks.translate import TranslateTask, bleu_tokenize, language_name, translate
 
 PAIRS = [
     ("In the beginning God created the heaven and the earth.", "En el principio creó Dios los cielos y la tierra."),
@@ -96,6 +96,12 @@ def _subset(loaded, n):
 def test_language_names():
     assert language_name("es", "?") == "Spanish" and language_name("en-US", "?") == "English"
     assert language_name("spanish", "?") == "Spanish" and language_name(None, "the target") == "the target"
+
+
+def test_chinese_targets_score_with_the_chinese_bleu_tokenizer_in_any_spelling():
+    # a region-tagged field name (zh-CN) reached metrics.json as 'zh-cn' and was scored with 13a
+    assert [bleu_tokenize(c) for c in ("zh", "zh-cn", "zh-CN", "zh_Hans", "Chinese")] == ["zh"] * 5
+    assert [bleu_tokenize(c) for c in ("es", "en-US", None)] == [None] * 3
 
 
 def test_t5_features_evaluate_and_overfit(tok_dir, data_file, tmp_path):

@@ -61,6 +61,9 @@ def _rank(x: np.ndarray) -> np.ndarray:
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    if np.all(a == a[0]) or np.all(b == b[0]):
+        # a constant side has no correlation; after centring, rounding leaves ~1e-17 that would pass for one
+        return float("nan")
     a, b = a - a.mean(), b - b.mean()
     denom = np.sqrt((a * a).sum() * (b * b).sum())
     return float((a * b).sum() / denom) if denom > 0 else float("nan")  # a constant side has no correlation

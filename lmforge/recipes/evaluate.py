@@ -143,10 +143,12 @@ def evaluate_task(cfg: EvaluateConfig, path, task: str) -> int:
     import torch
 
     from lmforge.data.labelled import load_examples
-    from lmforge.train.common import autocast, resolve_precision, write_atomic
+    from lmforge.train.common import autocast, check_output_file, json_ready, resolve_precision, write_atomic
 
     if len(cfg.data) != 1:
         raise LmforgeError(f"--task {task}: pass one --data file or built-in set (e.g. rotten_tomatoes:test)")
+    if cfg.predictions:
+        check_output_file(cfg.predictions, "--predictions")
     overrides = field_overrides(cfg.field)
     if cfg.num_beams:
         overrides["num_beams"] = cfg.num_beams
@@ -164,7 +166,7 @@ def evaluate_task(cfg: EvaluateConfig, path, task: str) -> int:
         device = torch.device("cpu")
         precision = resolve_precision(cfg.precision, device)
         res = t.evaluate(model, loaded, lambda: autocast(precision, device), device, cfg.batch_size)
-    print(json.dumps({"task": task, "model": str(path), "data": loaded.source, **res.metrics}, indent=2,
+    print(json.dumps(json_ready({"task": task, "model": str(path), "data": loaded.source, **res.metrics}), indent=2,
                      ensure_ascii=False))
     if cfg.predictions:
         write_atomic(cfg.predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in res.predictions))

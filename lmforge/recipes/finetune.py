@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -594,6 +595,8 @@ def run(cfg: FinetuneConfig) -> dict:
                     res = evaluate("validation")
                     last_eval = (step, res)
                     value = res.metrics.get(task.metric)
+                    if value is not None and not math.isfinite(value):
+                        value = None  # undefined (Pearson on a constant set): every comparison with NaN is False
                     improved = value is not None and (best["value"] is None or (
                         value > best["value"] if task.greater_is_better else value < best["value"]))
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 3),

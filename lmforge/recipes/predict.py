@@ -48,6 +48,8 @@ def _rows(cfg: PredictConfig, task: str, t, extras: dict) -> list[dict]:
         return [{"question": cfg.question, "context": cfg.context}]
     if not cfg.text:
         raise LmforgeError("pass --text (one or more) or --input FILE")
+    if any(not x.strip() for x in cfg.text + cfg.text_pair):
+        raise LmforgeError("--text/--text-pair: an empty text (there is nothing to classify, translate or reply to)")
     if task != "classify" and cfg.text_pair:
         raise LmforgeError("--text-pair is for classifiers fine-tuned on text pairs")
     if task == "classify":

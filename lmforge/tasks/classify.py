@@ -14,6 +14,13 @@ from lmforge.evaluate.task_metrics import classification_metrics, regression_met
 from lmforge.tasks.base import EvalResult, Task, dtype_kw, pad_batch
 
 
+def _is_number(x) -> bool:
+    try:
+        return np.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
 class ClassifyTask(Task):
     name = "classify"
     auto_class = "AutoModelForSequenceClassification"
@@ -31,14 +38,17 @@ class ClassifyTask(Task):
         super().prepare(tokenizer, train, others)
         self.labels, self.regression = build_label_map([r["label"] for r in train.rows],
                                                        {k: [r["label"] for r in v.rows] for k, v in others.items()})
+        self.label_index = {lab: i for i, lab in enumerate(self.labels)}
         if self.regression:
             self.metric = "pearson"
         else:
             check_label_names(train)
             for loaded in others.values():
                 check_label_names(loaded)
+                # a CSV's class 1 is a JSON file's "1": the same class, as `lmforge evaluate` reads it
+                for r in loaded.rows:
+                    r["label"] = self.gold(r["label"])
                 check_labels([r["label"] for r in loaded.rows], self.labels, loaded, skip=self.cfg.skip_bad_rows)
-        self.label_index = {lab: i for i, lab in enumerate(self.labels)}
         if tokenizer.pad_token_id is None:  # decoder-only tokenizers: pad with EOS (masked out anyway)
             if tokenizer.eos_token is None:
                 raise LmforgeError("the tokenizer has neither a pad nor an EOS token to pad batches with")
@@ -57,19 +67,23 @@ class ClassifyTask(Task):
         return model
 
     def gold(self, label):
-        """A data label in the model's label space (a saved model knows its labels as strings; a CSV's class
-        "1.0" is the number 1 in a JSON file)."""
-        if self.regression or label in self.label_index:
+        """A data label in the model's label space: a saved model knows its labels as strings, a CSV's class
+        1 is a JSON file's "1", and "1.0" is 1. A label that matches no class is returned as it is."""
+        if self.regression or isinstance(label, bool) or label in self.label_index:
             return label
-        if str(label) in self.label_index:
-            return str(label)
-        if isinstance(label, (int, float)) and not isinstance(label, bool):
-            for name in self.labels:
-                try:
-                    if float(name) == label:
-                        return name
-                except (TypeError, ValueError):
-                    continue
+        for name in self.labels:
+            if str(name) == str(label):
+                return name
+        try:
+            value = float(label)
+        except (TypeError, ValueError):
+            return label
+        for name in self.labels:
+            try:
+                if not isinstance(name, bool) and float(name) == value:
+                    return name
+            except (TypeError, ValueError):
+                continue
         return label
 
     def load_model(self, path, dtype=None):
@@ -132,6 +146,11 @@ class ClassifyTask(Task):
             check_labels(gold, self.labels, loaded)
         preds = []
         if self.regression:
+            not_numbers = [i for i, g in enumerate(gold) if isinstance(g, bool) or not _is_number(g)]
+            if not_numbers:
+                i = not_numbers[0]
+                raise LmforgeError(f"{loaded.loc(i)}: label {gold[i]!r} is not a number; this model is a regressor "
+                                   f"(one score per text)")
             pred = [float(x) for x in scores]
             metrics = regression_metrics([float(g) for g in gold], pred)
             for r, p in zip(loaded.rows, pred):

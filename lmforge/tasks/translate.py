@@ -67,6 +67,12 @@ def _lang_code(name_or_code: str | None) -> str | None:
     return None
 
 
+def bleu_tokenize(target_code: str | None) -> str | None:
+    """sacrebleu's tokenizer for a target language: 'zh' for Chinese in any spelling (zh, zh-CN, zh_Hans), which
+    13a would read as one word per sentence; None (13a) otherwise."""
+    return "zh" if _lang_code(target_code) == "zh" else None
+
+
 def read_model_config(path) -> dict | None:
     """config.json of a model folder (or an lmforge output folder's final/), else None."""
     if not path:
@@ -381,7 +387,7 @@ class TranslateTask(Task):
         refs = [r["target"] for r in loaded.rows]
         hyps = generate_translations(model, prompter, sources, self.cfg.num_beams, self.cfg.max_new_tokens,
                                      batch_size, autocast_ctx)
-        metrics = translation_metrics(hyps, refs, tokenize="zh" if self.target_code == "zh" else None)
+        metrics = translation_metrics(hyps, refs, tokenize=bleu_tokenize(self.target_code))
         preds = [{"source": s, "reference": r, "prediction": h} for s, r, h in zip(sources, refs, hyps)]
         return EvalResult(metrics, preds)
 

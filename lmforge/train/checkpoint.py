@@ -102,6 +102,8 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 def refuse_earlier_run(out_dir: str | Path) -> None:
     """A new run (no --resume) in a folder that holds another run's checkpoints would mix the two: theirs would
     count against --keep-checkpoints and be what a later --resume picks. Refused, naming both ways out."""
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise LmforgeError(f"--out {out_dir}: this is a file; give a folder to write the run to")
     root = Path(out_dir) / "checkpoints"
     found = sorted(p.name for p in root.glob("step-*")) if root.is_dir() else []
     if found:

@@ -272,7 +272,7 @@ class MetricsLog:
     def log(self, **row) -> None:
         if not self.enabled:
             return
-        row = {"time": round(time.time(), 3), **row}
+        row = json_ready({"time": round(time.time(), 3), **row})
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -290,7 +290,7 @@ class MetricsLog:
 
     def summary(self, data: dict) -> None:
         if self.enabled:
-            write_atomic(self.dir / "metrics.json", json.dumps(data, indent=2) + "\n")
+            write_atomic(self.dir / "metrics.json", json.dumps(json_ready(data), indent=2) + "\n")
 
     def plot(self, name: str = "loss.png") -> Path | None:
         """Training and validation loss against step, for people who would rather look than read."""
@@ -321,6 +321,27 @@ class MetricsLog:
         plt.close(fig)
         os.replace(tmp, out)
         return out
+
+
+def json_ready(obj):
+    """`obj` with NaN and infinities as None: metrics such as Pearson on a constant set are undefined, and
+    json.dumps would write a bare NaN that strict JSON readers (jq, JavaScript, pandas' engine) refuse."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj
+
+
+def check_output_file(path: str | Path, option: str) -> None:
+    """Fail before any work, not after it, when `path` cannot be written (a folder, or no such folder)."""
+    path = Path(path)
+    if path.is_dir():
+        raise LmforgeError(f"{option} {path}: this is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise LmforgeError(f"{option} {path}: the folder {path.parent} does not exist")
 
 
 def write_atomic(path: str | Path, text: str) -> None:
