@@ -438,7 +438,12 @@ def test_non_utf8_names_line_and_column(tmp_path, name):
             else b"text,label\nok,1\ncaf\xe9,0\n")
     path = write(tmp_path / name, body)
     line_col = ":2:14:" if name.endswith("jsonl") else ":3:4:"
-    assert_has(error(str(path), "classify", skip_bad_rows=True), name + line_col, "not valid UTF-8")
+    assert_has(error(str(path), "classify"), name + line_col, "not valid UTF-8")
+    # --skip-bad-rows skips such a line like any other bad row, naming it (and for CSV its field)
+    kept = load_examples(str(path), "classify", skip_bad_rows=True)
+    assert [r["text"] for r in kept.rows] == ["ok"]
+    assert kept.skipped == ([f"{path}:2: not valid UTF-8 (byte 0xe9 at column 14)"] if name.endswith("jsonl")
+                            else [f"{path}:3: field 'text' is not valid UTF-8 (byte 0xe9 at column 4)"])
 
 
 def test_missing_field_lists_fields_and_option(tmp_path):
@@ -679,15 +684,34 @@ def test_validation_is_read_in_the_training_direction(tmp_path):
     # a file without the trained columns is guessed as before
     other = jsonl(tmp_path / "o.jsonl", {"source": "a", "target": "b"})
     assert load_examples(str(other), "translate", prefer=train.fields).rows == [{"source": "a", "target": "b"}]
+    # but another language in the target's place is not the trained direction: refused, not scored silently
+    french = jsonl(tmp_path / "f.jsonl", {"en": "the dog", "fr": "le chien"})
+    msg = error(str(french), "translate", prefer=train.fields)
+    assert "f.jsonl" in msg and "'es'" in msg and "'fr'" in msg and "--target-field" in msg
+    assert load_examples(str(french), "translate", {"target": "fr"}, prefer=train.fields).rows[0]["target"] == \
+        "le chien"  # named, it is the user's choice
+
+
+def test_a_pair_classifier_is_not_scored_on_single_texts(tmp_path):
+    train = load_examples(str(jsonl(tmp_path / "t.jsonl", {"premise": "a", "hypothesis": "b", "label": 1},
+                                    {"premise": "c", "hypothesis": "d", "label": 0})), "classify")
+    assert train.fields["text_pair"] == "hypothesis"
+    single = jsonl(tmp_path / "v.jsonl", {"premise": "a", "label": 1})
+    msg = error(str(single), "classify", prefer=train.fields)
+    assert "v.jsonl" in msg and "'hypothesis'" in msg and "--text-pair-field" in msg
+    renamed = jsonl(tmp_path / "r.jsonl", {"sentence1": "a", "sentence2": "b", "label": 1})
+    assert load_examples(str(renamed), "classify", prefer=train.fields).rows[0]["text_pair"] == "b"
 
 
 def test_labels_that_would_share_a_name_are_refused(tmp_path):
     from lmforge.data.labelled import check_label_names
 
-    mixed = load_examples(str(jsonl(tmp_path / "m.jsonl", {"text": "a", "label": "1"}, {"text": "b", "label": 0},
-                                    {"text": "c", "label": 1})), "classify")
-    with pytest.raises(LmforgeError) as exc:
-        check_label_names(mixed)
+    mixed = jsonl(tmp_path / "m.jsonl", {"text": "a", "label": "1"}, {"text": "b", "label": 0},
+                  {"text": "c", "label": 1})
+    assert_has(error(str(mixed), "classify"), "m.jsonl:1: field 'label': label '1' (a string) and label 1 (a number, "
+               "at", "m.jsonl:3) would be two classes with one name")
+    with pytest.raises(LmforgeError) as exc:  # rows that did not come from one file are checked again
+        check_label_names(_loaded(["1", 0, 1], [1, 2, 3], "m.jsonl"))
     assert_has(str(exc.value), "m.jsonl:3:", "label 1 (a number) and label '1' (a string, at", "m.jsonl:1)")
     check_label_names(load_examples(str(jsonl(tmp_path / "ok.jsonl", {"text": "a", "label": 1.0},
                                               {"text": "b", "label": 1})), "classify"))  # 1.0 == 1: one class
@@ -714,3 +738,122 @@ def test_qa_ids_may_be_whole_numbers(tmp_path):
     assert load_examples(str(jsonl(tmp_path / "q.jsonl", {**row, "id": 7.0})), "qa").rows[0]["id"] == "7"
     assert_has(error(str(jsonl(tmp_path / "f.jsonl", {**row, "id": 7.5})), "qa"),
                "field 'id' must be a string or a whole number, got 7.5")
+
+
+# ---- audit findings (2026-12-03): each of these failed before its fix
+
+def test_optional_fields_are_found_beyond_the_first_record(tmp_path):
+    alpaca = jsonl(tmp_path / "a.jsonl", {"instruction": "Say hi", "output": "hi"},  # Alpaca leaves out an empty input
+                   {"instruction": "Add these", "input": "2 3", "output": "5"})
+    got = load_examples(str(alpaca), "sft")
+    assert got.fields["input"] == "input"
+    assert [r["messages"][0]["content"] for r in got.rows] == ["Say hi", "Add these\n\n2 3"]
+    # a pair is needed in every record, so the first record without one is the bad one, not every other record
+    pairs = jsonl(tmp_path / "p.jsonl", {"premise": "A", "label": 0}, {"premise": "B", "hypothesis": "C", "label": 1},
+                  {"premise": "D", "hypothesis": "E", "label": 0})
+    assert_has(error(str(pairs), "classify"), "p.jsonl:1:", "no field 'hypothesis'")
+    kept = load_examples(str(pairs), "classify", skip_bad_rows=True)
+    assert kept.rows[0] == {"text": "B", "text_pair": "C", "label": 1} and kept.line_numbers == [2, 3]
+    row = {"question": "Who?", "context": "Noah built it.", "answers": {"text": ["Noah"], "answer_start": [0]}}
+    qa = jsonl(tmp_path / "q.jsonl", row, {**row, "id": "q7"})
+    assert [r["id"] for r in load_examples(str(qa), "qa").rows] == ["1", "q7"]
+
+
+def test_an_explicit_sft_input_field(tmp_path):
+    f = jsonl(tmp_path / "c.jsonl", {"instruction": "Summarise", "output": "short"},
+              {"instruction": "Summarise", "ctx": "LONG DOCUMENT", "output": "short"})
+    sft_fields = {"messages": None, "prompt": None, "response": None}
+    got = load_examples(str(f), "sft", {**sft_fields, "input": "ctx"})
+    assert got.fields["input"] == "ctx" and got.rows[1]["messages"][0]["content"] == "Summarise\n\nLONG DOCUMENT"
+    assert got.rows[0]["messages"][0]["content"] == "Summarise"  # a record may leave it out, as Alpaca does
+    assert "input" not in load_examples(str(f), "sft", {**sft_fields, "input": None}).fields  # 'ctx': no guess
+    msg = error(str(f), "sft", {**sft_fields, "input": "ctxt"}, skip_bad_rows=True)
+    assert_has(msg, "c.jsonl: no record has a field 'ctxt'", "did you mean 'ctx'", "--input-field")
+
+
+def test_predict_inputs_join_alpaca_input_as_training_does(tmp_path):
+    rows = [{"instruction": "Add these", "input": "2 3", "output": "5"}, {"instruction": "Say hi", "input": ""},
+            {"instruction": "Say bye"}]
+    trained = load_examples(str(jsonl(tmp_path / "t.jsonl", rows[0])), "sft").rows[0]["messages"][0]["content"]
+    f = jsonl(tmp_path / "p.jsonl", *[{k: v for k, v in r.items() if k != "output"} for r in rows])
+    want = [{"text": trained}, {"text": "Say hi"}, {"text": "Say bye"}]
+    assert load_texts(str(f), guesses=input_field_guesses("sft"), chat=True, role="prompt") == want
+    assert load_texts(str(f), "instruction", role="prompt") == want  # --prompt-field: named exactly
+    ctx = jsonl(tmp_path / "ctx.jsonl", {"instruction": "Summarise", "ctx": "DOC"})
+    assert load_texts(str(ctx), "instruction", role="prompt", input_field="ctx") == [{"text": "Summarise\n\nDOC"}]
+    bad = jsonl(tmp_path / "bad.jsonl", {"instruction": "Add", "input": 5})
+    with pytest.raises(LmforgeError, match=r"bad\.jsonl:1: field 'input' must be a string, got a number"):
+        load_texts(str(bad), guesses=input_field_guesses("sft"), chat=True, role="prompt")
+
+
+def test_prediction_inputs_must_not_be_empty(tmp_path):
+    f = jsonl(tmp_path / "p.jsonl", {"text": "good film"}, {"text": "  "})
+    with pytest.raises(LmforgeError, match=r"p\.jsonl:2: field 'text' is empty"):
+        load_texts(str(f))
+    prompts = jsonl(tmp_path / "s.jsonl", {"prompt": "Say king."}, {"prompt": ""})
+    with pytest.raises(LmforgeError, match=r"s\.jsonl:2: field 'prompt' is empty"):
+        load_texts(str(prompts), guesses=input_field_guesses("sft"), chat=True, role="prompt")
+
+
+@pytest.mark.parametrize("hidden", [-1, None])
+def test_a_split_with_hidden_labels_is_not_scored(tmp_path, capsys, hidden):
+    import datasets
+
+    from lmforge.data.labelled import data_splits
+
+    label = datasets.ClassLabel(names=["neg", "pos"]) if hidden == -1 else datasets.Value("string")
+    features = datasets.Features({"sentence": datasets.Value("string"), "label": label})
+    labelled = {"sentence": ["good", "bad"], "label": [1, 0] if hidden == -1 else ["pos", "neg"]}
+    test = {"sentence": ["x", "y"], "label": [hidden, hidden]}  # GLUE's test splits: every label -1
+    splits = {"train": labelled, "validation": labelled, "test": test}
+    datasets.DatasetDict({k: datasets.Dataset.from_dict(v, features=features)
+                          for k, v in splits.items()}).save_to_disk(str(tmp_path / "g"))
+    assert data_splits(str(tmp_path / "g")) == {"validation": f"{tmp_path / 'g'}:validation"}
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'g'}:test: no labels (every 'label' is -1 or null), so it is not scored" in out
+
+
+def test_a_number_written_as_a_string_among_numbers(tmp_path):
+    scores = [{"text": f"t{i}", "score": 0.1 + 0.37 * i} for i in range(6)]
+    scores[2]["score"] = "0.84"
+    f = jsonl(tmp_path / "s.jsonl", *scores)
+    assert_has(error(str(f), "classify"), "s.jsonl:3:", "field 'score'",
+               "label '0.84' is a string among numeric labels")
+    kept = load_examples(str(f), "classify", skip_bad_rows=True)  # skipped, and the rest are scores
+    assert kept.line_numbers == [1, 2, 4, 5, 6] and build_label_map([r["label"] for r in kept.rows])[1]
+    assert_has(kept.skipped[0], "s.jsonl:3:", "label '0.84' is a string")
+    flags = jsonl(tmp_path / "b.jsonl", {"text": "a", "label": 1}, {"text": "b", "label": 0},
+                  {"text": "c", "label": True})
+    assert_has(error(str(flags), "classify"), "b.jsonl:3:", "label True is a boolean among numeric labels")
+    words = jsonl(tmp_path / "w.jsonl", {"text": "a", "label": "pos"}, {"text": "b", "label": "neg"},
+                  {"text": "c", "label": 1})
+    assert_has(error(str(words), "classify"), "w.jsonl:3:", "label 1 is a number among string labels")
+    csv_mixed = write(tmp_path / "m.csv", "text,label\na,1.5\nb,2.5\nc,n/a\n")  # CSV cells are parsed as numbers
+    assert_has(error(str(csv_mixed), "classify"), "m.csv:4:", "label 'n/a' is a string among numeric labels")
+    # one kind throughout is fine: numbers (CSV or JSON), strings (also numeric ones), booleans
+    for name, body in (("n.csv", "text,label\na,1\nb,0.5\n"), ("s.jsonl", '{"text": "a", "label": "0"}\n'
+                                                                          '{"text": "b", "label": "1"}\n'),
+                       ("t.jsonl", '{"text": "a", "label": true}\n{"text": "b", "label": false}\n')):
+        assert len(load_examples(str(write(tmp_path / name, body)), "classify")) == 2
+
+
+def test_skip_bad_rows_skips_a_first_record_the_fields_cannot_be_guessed_on(tmp_path):
+    good = [{"text": "good film", "label": "pos"}, {"text": "bad film", "label": "neg"}]
+    f = jsonl(tmp_path / "d.jsonl", {"txt": "oops", "label": "pos"}, *good)
+    assert_has(error(str(f), "classify"), "d.jsonl:1:", "no text field", "--text-field")  # without: refused
+    kept = load_examples(str(f), "classify", skip_bad_rows=True)
+    assert kept.line_numbers == [2, 3] and kept.fields == {"text": "text", "label": "label"}
+    assert_has(kept.skipped[0], "d.jsonl:1:", "no text field")
+    sft = jsonl(tmp_path / "s.jsonl", {"prompt": "x"}, {"prompt": "Say hi", "response": "hi"})
+    assert load_examples(str(sft), "sft", skip_bad_rows=True).line_numbers == [2]
+    tr = jsonl(tmp_path / "t.jsonl", {"en": "x"}, {"en": "the dog", "es": "el perro"})
+    assert load_examples(str(tr), "translate", skip_bad_rows=True).rows == [{"source": "the dog", "target": "el perro"}]
+
+
+def test_skip_bad_rows_and_bad_bytes_outside_a_record(tmp_path):
+    header = write(tmp_path / "h.csv", b"t\xe9xt,label\nok,1\n")  # no column can be named: the whole file
+    assert_has(error(str(header), "classify", skip_bad_rows=True), "h.csv:1: header is not valid UTF-8")
+    whole = write(tmp_path / "w.json", b'[{"text": "caf\xe9", "label": 1}]')  # one JSON document
+    assert_has(error(str(whole), "classify", skip_bad_rows=True), "w.json:1:", "not valid UTF-8")
+    tsv = write(tmp_path / "d.tsv", b"text\tlabel\nok\t1\nno\xff\t0\nfine\t0\n")
+    assert load_examples(str(tsv), "classify", skip_bad_rows=True).line_numbers == [2, 4]

@@ -81,14 +81,18 @@ def read_bytes(path: Path) -> bytes:
     return raw
 
 
-def decode_utf8(raw: bytes, path: Path) -> str:
-    """Strict UTF-8 decode; a bad byte is reported as file:line:column."""
+def decode_utf8(raw: bytes, path: Path, keep_bad_bytes: bool = False) -> str:
+    """Strict UTF-8 decode; a bad byte is reported as file:line:column. With `keep_bad_bytes`, bad bytes
+    become lone surrogates (U+DC80-U+DCFF, which strict decoding never yields) instead, so that a reader
+    that skips bad rows can skip just the lines holding one; UTF-16 text is refused all the same."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # Excel's "Unicode text", Windows Notepad's "Unicode"
             raise LmforgeError(f"{path}: UTF-16 text, not UTF-8; convert the file, e.g. iconv -f UTF-16 -t UTF-8, "
                                "or save it as 'CSV UTF-8'") from None
+        if keep_bad_bytes:
+            return raw.decode("utf-8", "surrogateescape")
         line = raw.count(b"\n", 0, e.start) + 1
         col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
         raise LmforgeError(f"{path}:{line}:{col}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset "

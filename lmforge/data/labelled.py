@@ -227,9 +227,22 @@ def _builtin_name(spec: str) -> str | None:
     return name if name in BUILTIN_SETS and not Path(spec).expanduser().exists() else None
 
 
+def _hidden_labels(ds) -> str | None:
+    """The label column of a split whose every label is -1 or null (GLUE and other benchmarks hide their test
+    labels so), else None."""
+    import datasets
+
+    columns = [c for c, f in ds.features.items() if isinstance(f, datasets.ClassLabel)]
+    guessed = _find(ds.features, _LABEL_NAMES)
+    if not columns and guessed is not None and isinstance(ds.features[guessed], datasets.Value):
+        columns = [guessed]
+    return next((c for c in columns if len(ds) and set(ds.unique(c)) <= {-1, None}), None)
+
+
 def data_splits(spec: str) -> dict[str, str]:
     """Specs of the validation and test splits that come with `spec`'s source: a built-in set's, or those of a
-    saved or hub DatasetDict (a 'dev' split serves as validation); {} for a plain file."""
+    saved or hub DatasetDict (a 'dev' split serves as validation); {} for a plain file. A split without labels
+    (every one -1 or null) is left out, with a note: there is nothing to score it against."""
     name = _builtin_name(spec)
     if name:
         return {"validation": f"{name}:validation", "test": f"{name}:test"}
@@ -241,19 +254,30 @@ def data_splits(spec: str) -> dict[str, str]:
     obj = _load_dataset(source)
     if not isinstance(obj, datasets.DatasetDict):
         return {}
-    return {role: f"{source.base}:{next(n for n in group if n in obj)}"
-            for role, group in _SPLIT_NAMES.items() if role != "train" and any(n in obj for n in group)}
+    out = {}
+    for role, group in _SPLIT_NAMES.items():
+        name = next((n for n in group if n in obj), None)
+        if role == "train" or name is None:
+            continue
+        column = _hidden_labels(obj[name])
+        if column is None:
+            out[role] = f"{source.base}:{name}"
+        else:
+            print(f"{source.base}:{name}: no labels (every '{column}' is -1 or null), so it is not scored",
+                  flush=True)
+    return out
 
 
-def _open(spec: str, split: str = "train") -> tuple[Iterator[_Record], str, bool]:
-    """(records, name for messages, whether ids count by position rather than line) of a data spec."""
+def _open(spec: str, split: str = "train", skip_bad_bytes: bool = False) -> tuple[Iterator[_Record], str, bool]:
+    """(records, name for messages, whether ids count by position rather than line) of a data spec. With
+    `skip_bad_bytes`, a JSONL/CSV/TSV line that is not UTF-8 is a bad record instead of a bad file."""
     source = _dataset_source(spec)
     if source is not None:
         ds, src = _dataset_split(source, split)
         return _iter_dataset(ds, src), src, True
     path, src = resolve_data(spec, split)
     # minified SQuAD files put every record on line 1, so ids default to the record's position instead
-    return _iter_records(path, src), src, _format(path) in ("json", "parquet")
+    return _iter_records(path, src, skip_bad_bytes), src, _format(path) in ("json", "parquet")
 
 
 def _format(path: Path) -> str:
@@ -282,18 +306,35 @@ class _Record:
     text_cells: bool = False  # CSV/TSV: every value is a string, so numbers arrive as text
 
 
-def _read_text(path: Path) -> str:
-    text = decode_utf8(read_bytes(path), path)
+def _read_text(path: Path, keep_bad_bytes: bool = False) -> str:
+    text = decode_utf8(read_bytes(path), path, keep_bad_bytes)
     # spreadsheet exports often start with a byte-order mark, which would otherwise stick to the first header
     return text[1:] if text.startswith("\ufeff") else text
 
 
-def _iter_jsonl(path: Path, src: str) -> Iterator[_Record]:
+# a byte that is not UTF-8, as decode_utf8(keep_bad_bytes=True) keeps it (never there when decoded strictly)
+_BAD_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def _bad_utf8(text: str) -> str | None:
+    """Why `text` is not valid UTF-8 (its first bad byte and that byte's column), else None."""
+    m = _BAD_BYTE.search(text)
+    if m is None:
+        return None
+    column = len(text[:m.start()].encode("utf-8", "surrogateescape")) + 1  # in bytes, as decode_utf8 counts
+    return f"not valid UTF-8 (byte 0x{ord(m.group()) - 0xdc00:02x} at column {column})"
+
+
+def _iter_jsonl(path: Path, src: str, skip_bad_bytes: bool = False) -> Iterator[_Record]:
     # split on \n only: str.splitlines() also breaks at U+2028 and friends, which JSON strings may contain
-    for n, line in enumerate(_read_text(path).split("\n"), 1):
+    for n, line in enumerate(_read_text(path, skip_bad_bytes).split("\n"), 1):
         if not line.strip():
             continue
         loc = f"{src}:{n}"
+        bad = _bad_utf8(line)
+        if bad:
+            yield _Record(n, loc, None, bad)
+            continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
@@ -431,8 +472,8 @@ def _flatten_squad(data: list, src: str, line) -> Iterator[_Record]:
                 yield _Record(n, loc, row)
 
 
-def _iter_csv(path: Path, src: str, delimiter: str) -> Iterator[_Record]:
-    text = _read_text(path)
+def _iter_csv(path: Path, src: str, delimiter: str, skip_bad_bytes: bool = False) -> Iterator[_Record]:
+    text = _read_text(path, skip_bad_bytes)
     # contexts of QA data easily pass the csv module's 128 KiB default cell limit
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     # TSV has no quoting convention (GLUE's files contain bare quotes), so quotes are kept as text there
@@ -453,6 +494,9 @@ def _iter_csv(path: Path, src: str, delimiter: str) -> Iterator[_Record]:
         if not cells or (len(cells) == 1 and not cells[0].strip()):
             continue
         if header is None:
+            bad = next(filter(None, map(_bad_utf8, cells)), None)
+            if bad:  # no column can be named, so no row can be read
+                raise LmforgeError(f"{src}:{start}: header is {bad}; convert the file to UTF-8")
             header = [c.strip() for c in cells]
             dupes = sorted({c for c in header if header.count(c) > 1})
             if dupes:
@@ -462,6 +506,10 @@ def _iter_csv(path: Path, src: str, delimiter: str) -> Iterator[_Record]:
         if len(cells) != len(header):
             yield _Record(start, loc, None, f"{len(cells)} columns, but the header has {len(header)}",
                           text_cells=True)
+            continue
+        bad = next((f"field '{name}' is {why}" for name, why in zip(header, map(_bad_utf8, cells)) if why), None)
+        if bad:
+            yield _Record(start, loc, None, bad, text_cells=True)
             continue
         yield _Record(start, loc, dict(zip(header, cells)), text_cells=True)
 
@@ -477,14 +525,14 @@ def _iter_parquet(path: Path, src: str) -> Iterator[_Record]:
         yield _Record(i, f"{src}:row {i}", obj)
 
 
-def _iter_records(path: Path, src: str) -> Iterator[_Record]:
+def _iter_records(path: Path, src: str, skip_bad_bytes: bool = False) -> Iterator[_Record]:
     kind = _format(path)
     if kind == "jsonl":
-        return _iter_jsonl(path, src)
-    if kind == "json":
+        return _iter_jsonl(path, src, skip_bad_bytes)
+    if kind == "json":  # one document: a bad byte is not confined to one record
         return _iter_json(path, src)
     if kind in ("csv", "tsv"):
-        return _iter_csv(path, src, "," if kind == "csv" else "\t")
+        return _iter_csv(path, src, "," if kind == "csv" else "\t", skip_bad_bytes)
     return _iter_parquet(path, src)
 
 
@@ -529,6 +577,8 @@ _ROLES: dict[str, list[_Role]] = {
     ],
 }
 _OPTION = {role.name: role.option for roles in _ROLES.values() for role in roles}
+_ALPACA_INPUT = next(r.candidates for r in _ROLES["sft"] if r.name == "input")
+_LABEL_NAMES = next(r.candidates for r in _ROLES["classify"] if r.name == "label")
 _LANG = re.compile(r"^[a-z]{2,3}([-_][a-z]{2,4})?$", re.IGNORECASE)
 # short names that look like ISO codes but rarely are in a data file ('id' is also Indonesian: see below)
 _NOT_LANG = {"id", "idx", "uid", "key", "src", "tgt", "url", "ref", "row", "tag", "pos", "len", "num"}
@@ -551,24 +601,29 @@ def _no_field(obj: dict, role: str, key: str | None = None, looked: tuple[str, .
     return (f"no {role} field{hint}: looked for {', '.join(looked)} {available}; set {_OPTION[role]}")
 
 
-def _resolve_fields(task: str, obj: dict, given: dict[str, str | None], loc: str,
-                    prefer: dict[str, str] | None = None) -> dict[str, str]:
-    """Role -> field name, from the explicit names and otherwise by guessing on the first record. `prefer`
-    (the fields another file of the same run was read with) wins over guessing where this record has them."""
+def _resolve_fields(task: str, obj: dict, given: dict[str, str | None], prefer: dict[str, str] | None = None,
+                    seen: dict | None = None) -> dict[str, str]:
+    """Role -> field name, from the explicit names and otherwise by guessing on the record `obj`; optional
+    roles (a text pair, Alpaca's input, a QA id) are looked for in `seen`, the fields of every record of the
+    file, since a file may leave them out of its first records. `prefer` (the fields another file of the same
+    run was read with) wins over guessing where this file has them. A field that cannot be found is _Bad:
+    with --skip-bad-rows the fields are resolved on the next record instead."""
     def fail(msg: str):
-        raise LmforgeError(f"{loc}: {msg}")
+        raise _Bad(msg)
 
     if task == "translate":
         return _resolve_translate(obj, given, fail, prefer or {})
     roles = {r.name: r for r in _ROLES[task]}
+    seen = obj if seen is None else seen
     out: dict[str, str] = {}
     for name, key in given.items():
         if key is not None:
-            if key not in obj:  # this record's problem, maybe not the file's: --skip-bad-rows skips it
-                raise _Bad(_no_field(obj, name, key))
+            if roles[name].required and key not in obj:
+                fail(_no_field(obj, name, key))
             out[name] = key
     for name, key in (prefer or {}).items():
-        if name in roles and name not in out and key in obj and key not in out.values():
+        if (name in roles and name not in out and key in (obj if roles[name].required else seen)
+                and key not in out.values()):
             out[name] = key
     if task == "sft":
         if "messages" not in out and not ({"prompt", "response"} & set(out)):
@@ -588,9 +643,9 @@ def _resolve_fields(task: str, obj: dict, given: dict[str, str | None], loc: str
             if response is None:
                 fail(_no_field(obj, "response", looked=roles["response"].candidates))
             out["response"] = response
-        if given.get("input") is None:
+        if "input" not in out:
             # Alpaca: the instruction is the prompt and an 'input' beside it is appended to it
-            extra = _find({k: v for k, v in obj.items() if k not in (out["prompt"], out["response"])},
+            extra = _find({k: v for k, v in seen.items() if k not in (out["prompt"], out["response"])},
                           roles["input"].candidates)
             if extra is not None:
                 out["input"] = extra
@@ -599,7 +654,8 @@ def _resolve_fields(task: str, obj: dict, given: dict[str, str | None], loc: str
     for role in _ROLES[task]:
         if role.name in out:
             continue
-        key = _find({k: v for k, v in obj.items() if k not in used}, role.candidates)
+        pool = obj if role.required else seen
+        key = _find({k: v for k, v in pool.items() if k not in used}, role.candidates)
         if key is None:
             if role.required:
                 fail(_no_field(obj, role.name, looked=role.candidates))
@@ -855,13 +911,19 @@ def _sft(rec: _Record, f: dict[str, str]) -> dict:
         if not any(m["role"] == "assistant" for m in messages):
             raise _Bad(f"field '{key}' has no assistant turn to learn from")
         return {"messages": messages}
-    prompt = _text(obj, f["prompt"], "prompt")
-    extra = obj.get(f["input"]) if "input" in f else None
-    if extra is not None and not isinstance(extra, str):
-        raise _Bad(f"field '{f['input']}' must be a string, got {_type(extra)}")
+    user = _user_turn(obj, f["prompt"], f.get("input"))
     response = _text(obj, f["response"], "response")
-    user = prompt + ("\n\n" + extra if extra and extra.strip() else "")
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": response}]}
+
+
+def _user_turn(obj: dict, prompt_key: str, input_key: str | None) -> str:
+    """The prompt, with Alpaca's input (when the record has one) after a blank line: training and predict
+    must build the same text, or the model is asked something it never saw."""
+    prompt = _text(obj, prompt_key, "prompt")
+    extra = obj.get(input_key) if input_key is not None else None
+    if extra is not None and not isinstance(extra, str):
+        raise _Bad(f"field '{input_key}' must be a string, got {_type(extra)}")
+    return prompt + ("\n\n" + extra if extra and extra.strip() else "")
 
 
 def _translate(rec: _Record, f: dict[str, str]) -> dict:
@@ -890,12 +952,21 @@ def load_examples(spec: str, task: str, fields: dict[str, str | None] | None = N
         if name not in roles:
             raise LmforgeError(f"unknown field role '{name}' for task {task}{closest(name, roles)} "
                                f"(roles: {', '.join(roles)})")
-    records, src, by_position = _open(spec, split)
+    records, src, by_position = _open(spec, split, skip_bad_bytes=skip_bad_rows)
     builtin = _builtin_name(spec)
     if builtin and BUILTIN_SETS[builtin] != task:
         raise LmforgeError(f"{src}: a built-in {BUILTIN_SETS[builtin]} data set, not for task {task} "
                            f"(built-in {task} sets: "
                            f"{', '.join(n for n, t in BUILTIN_SETS.items() if t == task) or 'none'})")
+    records = list(records)
+    seen = dict.fromkeys(k for rec in records if rec.obj for k in rec.obj)  # every field of the file, in order
+    for role in _ROLES[task]:
+        key = given.get(role.name)
+        if key is not None and not role.required and seen and key not in seen:
+            # an optional field may be missing from any one record, but not from all of them
+            names = list(map(str, seen))
+            raise LmforgeError(f"{src}: no record has a field '{key}'{closest(key, names)} (fields: "
+                               f"{', '.join(names)}); set {role.option}")
     normalise = _NORMALISE[task]
     resolved: dict[str, str] | None = None
     rows: list[dict] = []
@@ -909,9 +980,9 @@ def load_examples(spec: str, task: str, fields: dict[str, str | None] | None = N
             if rec.error is not None:
                 raise _Bad(rec.error)
             if resolved is None:
-                # the first readable record decides the fields; a guess that fails there is a file-wide
-                # problem, so never skipped (a named field it lacks is the record's own: _Bad)
-                resolved = _resolve_fields(task, rec.obj, given, rec.loc, prefer)
+                # the first record that has them decides the fields (with --skip-bad-rows, the records
+                # before it are skipped; without, the first record must have them)
+                resolved = _resolve_fields(task, rec.obj, given, prefer, seen)
             row = normalise(rec, resolved)
             if task == "qa":
                 if row["id"] is None:
@@ -932,8 +1003,60 @@ def load_examples(spec: str, task: str, fields: dict[str, str | None] | None = N
             raise LmforgeError(f"{src}: no examples left after skipping {len(skipped)} bad rows "
                                f"(first: {skipped[0]})")
         raise LmforgeError(f"{src}: no examples (file is empty)")
-    return Loaded(rows=rows, source=src, line_numbers=lines, skipped=skipped, fields=resolved or {},
-                  by_row=by_row)
+    if resolved and prefer:
+        _check_as_trained(task, resolved, prefer, given, src)
+    loaded = Loaded(rows=rows, source=src, line_numbers=lines, skipped=skipped, fields=resolved or {},
+                    by_row=by_row)
+    odd = _odd_labels(loaded, resolved["label"]) if task == "classify" else {}
+    if odd and not skip_bad_rows:
+        raise LmforgeError(f"{loaded.loc(min(odd))}: {odd[min(odd)]}")
+    if odd:
+        loaded.drop(odd)
+    return loaded
+
+
+def _check_as_trained(task: str, fields: dict, trained: dict, given: dict, src: str) -> None:
+    """A file scored against a model (validation, test, evaluate) must feed it what it was trained on: a
+    pair classifier its second text, a translator its target language. Guessing otherwise scores it silently
+    wrong (an en->es model against French references)."""
+    if task == "classify" and trained.get("text_pair") and "text_pair" not in fields:
+        raise LmforgeError(f"{src}: no field '{trained['text_pair']}': the model reads text pairs (the second text "
+                           f"was '{trained['text_pair']}' in training); set --text-pair-field")
+    if task != "translate":
+        return
+    for role in ("source", "target"):
+        was, now = trained.get(f"{role}_lang"), fields.get(f"{role}_lang")
+        if was and now and was != now and given.get(role) is None:
+            raise LmforgeError(f"{src}: no field '{trained[role]}', the {role} language the model was trained on "
+                               f"(this file has '{fields[role]}'); to score against that anyway, set --{role}-field")
+
+
+_KINDS = {"a number": "numeric", "a string": "string", "a boolean": "boolean"}
+
+
+def _odd_labels(loaded: Loaded, key: str) -> dict[int, str]:
+    """{index: reason} of the labels not of the kind most labels are (number, string or boolean): one score
+    written as "0.84" would otherwise turn a file of scores into classification with a class per score."""
+    labels = [r["label"] for r in loaded.rows]
+    kinds = [_type(x) for x in labels]
+    counts = collections.Counter(kinds)  # in order of first appearance: a tie goes to the first label's kind
+    main = max(counts, key=counts.__getitem__)
+    named: dict[str, int] = {}  # a saved model knows its classes by name: 1 and "1" would share one
+    for i, x in enumerate(labels):
+        if kinds[i] == main:
+            named.setdefault(str(x), i)
+    odd = {}
+    for i, x in enumerate(labels):
+        if kinds[i] == main:
+            continue
+        j = named.get(str(x))
+        if j is None:
+            why = f"label {x!r} is {kinds[i]} among {_KINDS[main]} labels"
+        else:
+            why = (f"label {x!r} ({kinds[i]}) and label {labels[j]!r} ({main}, at {loaded.loc(j)}) would be two "
+                   "classes with one name")
+        odd[i] = f"field '{key}': {why}; write every label the same way"
+    return odd
 
 
 _TEXT_FIELDS = ("text", "sentence", "source", "prompt", "content")
@@ -954,13 +1077,17 @@ def input_field_guesses(task: str, trained: str | None = None) -> tuple[str, ...
 
 
 def load_texts(spec: str, field: str | None = None, guesses: tuple[str, ...] = _TEXT_FIELDS,
-               chat: bool = False, role: str = "text", pair_field: str | None = None) -> list[dict]:
+               chat: bool = False, role: str = "text", pair_field: str | None = None,
+               input_field: str | None = None) -> list[dict]:
     """Unlabelled inputs for prediction: each record's `field` (exactly, as explicit field names are), or without
     one the first of `guesses` it has (case-insensitively, as guessed fields are). With `chat`, a record with a
     messages field (a conversation to continue) gives {"messages": [...]} instead. With `pair_field` (a
-    classifier of text pairs), each record's second text too, as {"text", "text_pair"}."""
+    classifier of text pairs), each record's second text too, as {"text", "text_pair"}. For sft (`chat`, or
+    role "prompt"), an Alpaca input beside the prompt (`input_field`, else guessed) is joined to it as
+    training joins it."""
     records, _, _ = _open(spec)
     looked = (field,) if field else guesses
+    alpaca = chat or role == "prompt"
     rows = []
     for rec in records:
         if rec.error:
@@ -980,9 +1107,13 @@ def load_texts(spec: str, field: str | None = None, guesses: tuple[str, ...] = _
         if key is None:
             raise LmforgeError(f"{rec.loc}: no {role} field: looked for {', '.join(looked)} "
                                f"(fields: {', '.join(map(str, obj)) or 'none'}); set {_OPTION[role]}")
-        if not isinstance(obj[key], str):
-            raise LmforgeError(f"{rec.loc}: field '{key}' must be a string, got {_type(obj[key])}")
-        row = {"text": obj[key]}
+        extra = None
+        if alpaca:
+            extra = input_field or _find({k: v for k, v in obj.items() if k != key}, _ALPACA_INPUT)
+        try:
+            row = {"text": _user_turn(obj, key, extra) if alpaca else _text(obj, key, role)}
+        except _Bad as e:
+            raise LmforgeError(f"{rec.loc}: {e}") from None
         if pair_field is not None:
             try:
                 row["text_pair"] = _text(obj, pair_field, "text_pair")

@@ -80,11 +80,13 @@ def _input_rows(cfg: PredictConfig, task: str, t, extras: dict) -> list[dict]:
         return load_questions(cfg.input, given.get("question"), given.get("context"))
     role = input_role(task)
     pair = (given.get("text_pair") or trained_fields.get("text_pair")) if task == "classify" else None
+    # sft: Alpaca's input, joined to the instruction as in training
+    extra = (given.get("input") or trained_fields.get("input")) if task == "sft" else None
     if given.get(role):  # --field text=..., or the model was fine-tuned with --text-field and the like: exactly
-        return load_texts(cfg.input, given[role], role=role, pair_field=pair)
+        return load_texts(cfg.input, given[role], role=role, pair_field=pair, input_field=extra)
     trained = trained_fields.get(role)  # guessed in the training data, e.g. 'review'
     return load_texts(cfg.input, guesses=input_field_guesses(task, trained), chat=task == "sft", role=role,
-                      pair_field=pair)
+                      pair_field=pair, input_field=extra)
 
 
 def run(cfg: PredictConfig) -> int:
