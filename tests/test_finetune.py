@@ -599,8 +599,8 @@ def test_undefined_metrics_are_null_and_bad_outputs_are_named(tiny_bert, tmp_pat
     ev = cli("evaluate", "--model", out / "final", "--data", out.parent / "v.jsonl")
     assert ev.code == 0 and _strict_json(ev.out)["pearson"] is None
     # a regressor scored against a word, not a number
-    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"text": "a", "score": 1.5}, {"text": "b", "score": "high"}])
-    assert_user_error(cli("evaluate", "--model", out / "final", "--data", bad), "bad.jsonl:2", "'high'", "not a number")
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"text": "a", "score": "low"}, {"text": "b", "score": "high"}])
+    assert_user_error(cli("evaluate", "--model", out / "final", "--data", bad), "bad.jsonl:1", "'low'", "not a number")
     # outputs that cannot be written are named before any work
     assert_user_error(cli("evaluate", "--model", out / "final", "--data", bad, "--predictions",
                           tmp_path / "no" / "p.jsonl"), "--predictions", "does not exist")

@@ -35,18 +35,19 @@ def _tokenizer(path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def _plain_tokenizer():
-    """A byte-level BPE with only an EOS special token: no ChatML tokens, no chat template, no pad."""
+def _plain_tokenizer(bos: bool = False):
+    """A byte-level BPE with only an EOS special token (and a BOS with `bos`): no ChatML tokens, no chat
+    template, no pad."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["</s>"], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["</s>"] + ["<s>"] * bos, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([TEXT], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>" if bos else None)
 
 
 def _task(tokenizer, rows, **kw) -> tuple[SFTTask, Loaded]:
@@ -291,15 +292,23 @@ def test_templates_that_render_earlier_turns_differently(tok_dir, variant):
     assert _labelled(tok, f) == "Hello, how are you?<|im_end|>Blue is a color.<|im_end|>"
 
 
-def test_a_reply_starting_with_whitespace_is_trained_on_the_prompt_inference_sends(tmp_path):
+@pytest.fixture(scope="module")
+def ws_tok_dir(tmp_path_factory):
+    """A tokenizer whose vocabulary merges runs of newlines and spaces."""
+    from lmforge.tokenizer.bpe import train_bpe
+
+    path = tmp_path_factory.mktemp("sft_ws_tok")
+    train_bpe([TEXT.replace(". ", "." + chr(10) * 3 + "  ")], 400, path)  # blank lines, indents: whitespace merges
+    return path
+
+
+def test_a_reply_starting_with_whitespace_is_trained_on_the_prompt_inference_sends(ws_tok_dir):
     """The template's 'assistant\\n' and a reply's leading newline or spaces merge into one token when the whole
     chat is tokenized at once; the prompt serve/chat/predict encode ends in a lone '\\n' and must be what
     training shows before the reply."""
     from lmforge.tasks.sft import encode_text, render, setup_chat
-    from lmforge.tokenizer.bpe import train_bpe
 
-    train_bpe([TEXT.replace(". ", "." + chr(10) * 3 + "  ")], 400, tmp_path)  # blank lines, indents: whitespace merges
-    tok = _tokenizer(tmp_path)
+    tok = _tokenizer(ws_tok_dir)
     setup_chat(tok)
     end_id = tok.convert_tokens_to_ids("<|im_end|>")
     merged = 0
@@ -312,3 +321,190 @@ def test_a_reply_starting_with_whitespace_is_trained_on_the_prompt_inference_sen
         first = next(i for i, x in enumerate(f["labels"]) if x != -100)
         assert first == len(prompt) and tok.decode([x for x in f["labels"] if x != -100]) == reply + "<|im_end|>"
     assert merged  # the case arises with this tokenizer: whole-text tokens do run across the boundary
+
+
+def _with_specials(tok, template, *specials):
+    tok.add_special_tokens({"additional_special_tokens": list(specials)})
+    tok.chat_template = template
+    return tok
+
+
+# Mistral-7B-Instruct-v0.3's template (its tools branch left out): the system message goes into the last user turn
+# only, so a chat ending with a reply has none, and the prompt for that reply is not a prefix of the chat
+MISTRAL_V3 = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+    "{%- if loop.last and system_message is defined %}"
+    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content']|trim + eos_token }}{%- endif %}"
+    "{%- endfor %}")
+
+
+def test_a_reply_also_written_in_the_user_turn_is_labelled_where_the_reply_is(tok_dir):
+    tok = _with_specials(_tokenizer(tok_dir), MISTRAL_V3, "[INST]", "[/INST]")
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Is the sky blue? Answer yes or no."},
+            {"role": "assistant", "content": "yes"}, {"role": "user", "content": "Say no or yes."},
+            {"role": "assistant", "content": " no "}]
+    task, loaded = _task(tok, [{"messages": msgs}])
+    (f,) = task.features(loaded, train=True)
+    assert _labelled(tok, f) == " yes<|endoftext|> no<|endoftext|>"
+    unlabelled = tok.decode([t for t, lab in zip(f["input_ids"], f["labels"]) if lab == -100])
+    assert "Answer yes or no." in unlabelled and "Say no or yes." in unlabelled
+
+
+def test_the_input_field_option_is_appended_to_the_instruction(tok_dir, tmp_path):
+    tok = _tokenizer(tok_dir)
+    path = tmp_path / "dolly.jsonl"
+    path.write_text(json.dumps({"instruction": "Summarise the text.", "context": "Two plus two is four.",
+                                "response": "Four."}) + "\n")
+    task = SFTTask(FinetuneConfig(task="sft", input_field="context"))
+    loaded = load_examples(str(path), "sft", task.fields())
+    assert loaded.rows[0]["messages"][0]["content"] == "Summarise the text.\n\nTwo plus two is four."
+    task.prepare(tok, loaded, {})
+    assert _labelled(tok, task.features(loaded, train=True)[0]) == "Four.<|im_end|>"
+
+
+# Gemma's template: no system role, strictly alternating user/model turns
+GEMMA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+
+
+def test_a_system_message_goes_into_the_first_user_turn_where_the_template_has_no_system_role(
+        tok_dir, tmp_path, monkeypatch, capsys):
+    """As lmforge chat sends it: training, evaluation samples and predict prompt the model alike."""
+    import lmforge.tasks.sft as sft
+
+    tok = _with_specials(_tokenizer(tok_dir), GEMMA, "<start_of_turn>", "<end_of_turn>")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world"},
+            {"role": "assistant", "content": "Hello, how are you?"}]
+    task, loaded = _task(tok, [{"messages": msgs}], eval_samples=1, max_new_tokens=2)
+    assert "sent as part of the first user message" in capsys.readouterr().out
+    (f,) = task.features(loaded, train=True)
+    assert _labelled(tok, f) == "Hello, how are you?<end_of_turn>"
+    first = next(i for i, t in enumerate(f["labels"]) if t != -100)
+    trained_prompt = f["input_ids"][:first]
+    assert tok.decode(trained_prompt).endswith("<start_of_turn>user\nBe brief.\n\nHello world<end_of_turn>\n"
+                                               "<start_of_turn>model\n")
+
+    prompts = []
+    real = sft.generate_batch
+
+    def generate_batch(model, tokenizer, batch_prompts, *args, **kwargs):
+        prompts.extend(batch_prompts)
+        return real(model, tokenizer, batch_prompts, *args, **kwargs)
+
+    monkeypatch.setattr(sft, "generate_batch", generate_batch)
+    model = task.load_model(_tiny_llama(tok, tmp_path / "base"))
+    task.evaluate(model, loaded, contextlib.nullcontext, "cpu", 8)
+    generate_replies(model, tok, [msgs[:2]], max_new_tokens=2)
+    assert prompts == [trained_prompt, trained_prompt]
+    # and lmforge serve's chat endpoint prompts it so too (it answered 400 before)
+    from types import SimpleNamespace
+
+    from lmforge.serve.app import _chat_prompt
+
+    assert _chat_prompt(SimpleNamespace(served=SimpleNamespace(tokenizer=tok)), msgs[:2]) == trained_prompt
+
+
+def test_a_conversation_the_template_rejects_is_a_clear_error(tok_dir):
+    from lmforge.errors import LmforgeError
+
+    tok = _with_specials(_tokenizer(tok_dir), GEMMA, "<start_of_turn>", "<end_of_turn>")
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Hello?"},
+            {"role": "assistant", "content": "Fine."}]
+    task, loaded = _task(tok, [_chat("Hi", "Fine."), {"messages": msgs}])
+    with pytest.raises(LmforgeError, match=r"chats.jsonl:2: the chat template rejects the conversation "
+                                           r"\(TemplateError: Conversation roles must alternate"):
+        task.features(loaded, train=True)
+
+
+def _bos_tokenizer():
+    """Like Llama 2's and Mistral's base tokenizers: <s> before every text by default, no chat template."""
+    from tokenizers import processors
+
+    tok = _plain_tokenizer(bos=True)
+    bos = tok.convert_tokens_to_ids("<s>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    return tok
+
+
+def test_plain_template_starts_with_bos_where_the_tokenizer_adds_one():
+    tok = _bos_tokenizer()
+    assert tok("Hi")["input_ids"][0] == tok.bos_token_id
+    task, loaded = _task(tok, [_chat("Hello world", "I am fine, thanks.")])
+    (f,) = task.features(loaded, train=True)
+    assert tok.decode(f["input_ids"]) == "<s>### User:\nHello world\n\n### Assistant:\nI am fine, thanks.</s>\n\n"
+    assert f["input_ids"].count(tok.bos_token_id) == 1 and _labelled(tok, f) == "I am fine, thanks.</s>"
+
+
+def _label_runs(feat) -> list[tuple[int, int]]:
+    """[a, b) of each run of labelled positions."""
+    runs = []
+    for k, lab in enumerate(feat["labels"]):
+        if lab == -100:
+            continue
+        if runs and runs[-1][1] == k:
+            runs[-1] = (runs[-1][0], k + 1)
+        else:
+            runs.append((k, k + 1))
+    return runs
+
+
+def test_an_earlier_reply_starting_with_whitespace_is_labelled_from_right_after_its_header(ws_tok_dir):
+    """In a later turn's prompt the first reply's leading spaces merge with its header's newline; its tokens stay as
+    its own turn's prompt has them, so its labels still start after that newline, not on it."""
+    from lmforge.tasks.sft import encode_text, render, setup_chat
+
+    tok = _tokenizer(ws_tok_dir)
+    setup_chat(tok)
+    msgs = [{"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "  Paris is the capital."},
+            {"role": "user", "content": "Tell me a joke."}, {"role": "assistant", "content": "Blue is a color."}]
+    first_prompt = encode_text(tok, render(tok, msgs[:1], add_generation_prompt=True))
+    assert encode_text(tok, render(tok, msgs[:3], add_generation_prompt=True))[:len(first_prompt)] != first_prompt
+    f = encode_conversation(tok, msgs, tok.convert_tokens_to_ids("<|im_end|>"))
+    (a1, b1), (a2, b2) = _label_runs(f)
+    assert f["input_ids"][:a1] == first_prompt
+    assert tok.decode(f["input_ids"][a1:b1]) == "  Paris is the capital.<|im_end|>"
+    assert tok.decode(f["input_ids"][:a2]) == render(tok, msgs[:3], add_generation_prompt=True)
+    assert tok.decode(f["input_ids"][a2:b2]) == "Blue is a color.<|im_end|>"
+
+
+def test_a_template_whose_replies_carry_a_header_the_generation_prompt_does_not_write_is_refused(tok_dir):
+    from lmforge.errors import LmforgeError
+    from lmforge.tasks.sft import setup_chat
+
+    tok = _tokenizer(tok_dir)
+    tok.chat_template = ("{% for m in messages %}"  # ChatML with no add_generation_prompt branch
+                         "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}")
+    setup_chat(tok)  # inference with it (chat, predict) is not refused
+    with pytest.raises(LmforgeError, match=r"writes no generation prompt .* start with '<\|im_start\|>assistant\\n'"):
+        _task(tok, [_chat("Hello world", "Blue is a color.")])
+
+
+LLAMA2 = ("{{ bos_token }}{% for m in messages %}"
+          "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+          "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
+# Qwen3 with thinking off: the generation prompt writes an empty '<think>' block, which the last reply carries too
+QWEN3 = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+         "{% if loop.last %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{{ m['content'] + '<|im_end|>\\n' }}"
+         "{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template, labelled", [(LLAMA2, " Blue is a color. <|endoftext|>"),
+                                                (QWEN3, "Blue is a color.<|im_end|>")], ids=["llama2", "qwen3"])
+def test_templates_whose_generation_prompt_ends_where_the_reply_starts_are_accepted(tok_dir, template, labelled):
+    tok = _with_specials(_tokenizer(tok_dir), template, "[INST]", "[/INST]", "<think>", "</think>")
+    task, loaded = _task(tok, [_chat("Hello world", "Blue is a color.")])
+    assert _labelled(tok, task.features(loaded, train=True)[0]) == labelled

@@ -142,10 +142,12 @@ class Chat:
                       f"turns{' (the system message stays)' if self.system else ''}")
 
     def _merge_system(self) -> None:
-        text = self.system[0]["content"]
+        from lmforge.tasks.sft import merge_system
+
+        merged = merge_system(self.system + self.turns)
         self.system = []
-        if self.turns and self.turns[0]["role"] == "user":
-            self.turns[0] = {"role": "user", "content": f"{text}\n\n{self.turns[0]['content']}"}
+        if merged[0]["role"] != "system":  # else no user turn yet: the system message is dropped, as before
+            self.turns = merged
 
     def _cut_last_message(self) -> list[int]:
         """Only the latest user message is left and it is still too long: keep its last tokens."""

@@ -447,17 +447,18 @@ def _chat_messages(messages: list[S.ChatMessage]) -> list[dict]:
 
 
 def _chat_prompt(state: State, messages: list[dict]) -> list[int]:
-    from lmforge.tasks.sft import encode_text, render
+    from lmforge.tasks.sft import encode_text, render_accepted
 
     tok = state.served.tokenizer
     if not getattr(tok, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages",
                        "unsupported")
     try:
-        text = render(tok, messages, add_generation_prompt=True)
-    except Exception as e:  # templates raise on conversations they do not accept (e.g. role order)
-        raise APIError(400, f"messages: the chat template rejects this conversation ({type(e).__name__}: "
-                            f"{str(e)[:200]})", "messages", "invalid_value") from None
+        # a system message that the template has no role for (Gemma) goes into the first user turn, as in
+        # fine-tuning and lmforge chat
+        text, _ = render_accepted(tok, messages, add_generation_prompt=True)
+    except LmforgeError as e:  # templates raise on conversations they do not accept (e.g. role order)
+        raise APIError(400, f"messages: {str(e)[:300]}", "messages", "invalid_value") from None
     ids = encode_text(tok, text)
     return ids or [tok.eos_token_id or 0]
 

@@ -3,10 +3,12 @@
 Every example is a conversation ({"messages": [{"role", "content"}, ...]}, see lmforge.data.labelled),
 rendered with the tokenizer's chat template. The loss is on assistant tokens only, each assistant turn
 including the end-of-turn token that closes it (so the model learns to stop); system and user tokens get
-label -100. A tokenizer without a chat template gets one: ChatML when its vocabulary has <|im_start|> and
-<|im_end|> (lmforge's own tokenizers, SmolLM2, Qwen), otherwise a plain "### User: / ### Assistant:" one whose
-assistant turns end with the EOS token. The end-of-turn token becomes the tokenizer's EOS and the model's
-generation EOS, and the template is saved with the tokenizer, so DIR/final chats out of the box.
+label -100. A template without a system role (Gemma) gets the system message in the first user turn, as
+lmforge chat sends it. A tokenizer without a chat template gets one: ChatML when its vocabulary has
+<|im_start|> and <|im_end|> (lmforge's own tokenizers, SmolLM2, Qwen), otherwise a plain "### User: /
+### Assistant:" one (after BOS where the tokenizer writes one) whose assistant turns end with the EOS token.
+The end-of-turn token becomes the tokenizer's EOS and the model's generation EOS, and the template is saved
+with the tokenizer, so DIR/final chats out of the box.
 
 Evaluation: mean per-token loss and perplexity on the assistant tokens, plus a few greedy sample replies.
 """
@@ -28,12 +30,14 @@ EVAL_TOKENS_PER_BATCH = 32_768  # padded tokens per loss batch: bounds the (B, T
 
 # ------------------------------------------------------------------------------------------ templates
 
-def plain_chat_template(eos_text: str) -> str:
+def plain_chat_template(eos_text: str, bos: bool = False) -> str:
     """A template for tokenizers without one: '### User:' / '### Assistant:' blocks, assistant turns ending
-    with `eos_text` (written into the template, so the saved template keeps working if EOS changes)."""
+    with `eos_text` (written into the template, so the saved template keeps working if EOS changes); with
+    `bos`, the text starts with the BOS token."""
     eos = eos_text.replace("\\", "\\\\").replace("'", "\\'")
     return (
-        "{% for message in messages %}"
+        ("{{ bos_token }}" if bos else "")
+        + "{% for message in messages %}"
         "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
         "{% elif message['role'] == 'user' %}{{ '### User:\n' + message['content'] + '\n\n' }}"
         "{% else %}{{ '### Assistant:\n' + message['content'] + '" + eos + "' + '\n\n' }}{% endif %}"
@@ -45,6 +49,33 @@ def plain_chat_template(eos_text: str) -> str:
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     """The chat template's text for `messages` (never token ids: transformers 5 returns a BatchEncoding)."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def merge_system(messages: list[dict]) -> list[dict]:
+    """`messages` with a leading system message written into the first user message instead, as lmforge chat
+    sends it to templates without a system role (Gemma), so training and inference prompts agree."""
+    if len(messages) < 2 or messages[0]["role"] != "system" or messages[1]["role"] != "user":
+        return messages
+    merged = {"role": "user", "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}
+    return [merged] + messages[2:]
+
+
+def render_accepted(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, list[dict]]:
+    """(the template's text, the messages it rendered): `messages`, or where the template rejects those, the
+    system message merged into the first user turn (merge_system). A conversation it rejects either way is a
+    LmforgeError naming the template's complaint."""
+    try:
+        return render(tokenizer, messages, add_generation_prompt), messages
+    except Exception as e:  # jinja2's TemplateError from raise_exception, or whatever else the template trips on
+        error = e
+    merged = merge_system(messages)
+    if merged is not messages:
+        try:
+            return render(tokenizer, merged, add_generation_prompt), merged
+        except Exception as e:
+            error = e
+    detail = str(error).splitlines()[0] if str(error) else ""
+    raise LmforgeError(f"the chat template rejects the conversation ({type(error).__name__}: {detail})")
 
 
 def encode_text(tokenizer, text: str, offsets: bool = False):
@@ -82,6 +113,13 @@ def detect_end_of_turn(tokenizer) -> str | None:
     return tokenizer.eos_token
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts text with BOS by default (Llama 2, Mistral): the model was trained with it,
+    but encode_text leaves special tokens to the template."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("x")["input_ids"][:1] == [bos]
+
+
 def setup_chat(tokenizer, install_template: bool = True) -> dict:
     """Give `tokenizer` a chat template (if it has none and `install_template`), a pad token, and the
     end-of-turn token as its EOS. Returns {"chat_template", "end_of_turn", "eos_token", "pad_token"}."""
@@ -94,7 +132,7 @@ def setup_chat(tokenizer, install_template: bool = True) -> dict:
             if original_eos is None:
                 raise LmforgeError("the tokenizer has no chat template and no EOS token to end replies with; "
                                    "use a tokenizer with a chat template (or an EOS token)")
-            tokenizer.chat_template = plain_chat_template(original_eos)
+            tokenizer.chat_template = plain_chat_template(original_eos, bos=adds_bos(tokenizer))
     eot = detect_end_of_turn(tokenizer) if tokenizer.chat_template else original_eos
     if eot is None:
         raise LmforgeError("the tokenizer has no EOS token, and its chat template ends replies with no special "
@@ -106,6 +144,46 @@ def setup_chat(tokenizer, install_template: bool = True) -> dict:
         tokenizer.eos_token = eot
     return {"chat_template": tokenizer.chat_template, "end_of_turn": eot, "eos_token": tokenizer.eos_token,
             "pad_token": tokenizer.pad_token}
+
+
+def rejects_system(tokenizer) -> bool:
+    """Whether the chat template refuses a system message, which then goes into the first user turn."""
+    probe = [{"role": "system", "content": "lmforge probe"}, {"role": "user", "content": "hi"}]
+    try:
+        return render_accepted(tokenizer, probe)[1] is not probe
+    except LmforgeError:  # it refuses the merged conversation too: each row's error says so
+        return False
+
+
+def reply_opening(tokenizer) -> tuple[str, bool] | None:
+    """(what the chat template writes between the generation prompt and a reply, whether the generation prompt
+    writes anything), from a one-question probe: (' ', False) for Llama 2's '[/INST]' then ' reply', ('', True)
+    for ChatML. None where the template rejects the probe or its prompt is not where the probe chat starts."""
+    user = [{"role": "user", "content": "lmforge probe question"}]
+    probe = "lmforge probe reply"
+    try:
+        prompt = render(tokenizer, user, add_generation_prompt=True)
+        bare = render(tokenizer, user)
+        chat = render(tokenizer, user + [{"role": "assistant", "content": probe}])
+    except Exception:  # a template that rejects the probe: the rows' own rendering reports any problem
+        return None
+    at = chat.find(probe)
+    if not chat.startswith(prompt) or at < len(prompt):
+        return None
+    return chat[len(prompt):at], prompt != bare
+
+
+def check_generation_prompt(tokenizer) -> None:
+    """Refuse a template whose assistant turns open with a header that add_generation_prompt does not write:
+    the header would be labelled as part of every reply, and a served model, prompted without it, would have
+    to write it itself. Llama 2 (nothing but a space between '[/INST]' and the reply) and Qwen3 (whose
+    generation prompt writes the '<think>' block) pass."""
+    found = reply_opening(tokenizer)
+    if found is not None and found[0].strip() and not found[1]:
+        raise LmforgeError(f"the chat template writes no generation prompt (add_generation_prompt adds nothing) "
+                           f"while its assistant turns start with {found[0]!r}: that header would be trained as "
+                           f"part of every reply; use a chat template that writes it when add_generation_prompt "
+                           f"is set")
 
 
 def end_token_ids(tokenizer, model=None, end_of_turn: str | None = None) -> list[int]:
@@ -152,6 +230,44 @@ def _token_spans_by_offsets(offsets, start_c: int, end_c: int) -> tuple[int, int
     return a, max(a, b)
 
 
+REPLY_MARK = "lmforge-reply-marker"
+
+
+def _reply_chars(tokenizer, messages: list[dict], i: int, upto: str) -> tuple[int, int] | None:
+    """Characters [start, end) of assistant turn i as rendered in `upto` (the chat through that turn): what lies
+    between the text the template writes before and after a marker reply. Searching for the reply's words
+    instead can find them in a user turn ('Answer yes or no.' for the reply 'yes') or in the end-of-turn
+    token ('s' in '</s>'). None where the template renders the rest of the chat differently for the marker."""
+    try:
+        marked = render(tokenizer, messages[:i] + [{"role": "assistant", "content": REPLY_MARK}])
+    except Exception:  # a template that rejects the probe: the caller searches for the reply instead
+        return None
+    at = marked.find(REPLY_MARK)
+    if at < 0:
+        return None
+    before, after = marked[:at], marked[at + len(REPLY_MARK):]
+    if not (upto.startswith(before) and upto.endswith(after) and len(before) + len(after) < len(upto)):
+        return None
+    # the turn starts where the generation prompt ends: Mistral's ' ' before the reply is the model's to write
+    opening = (reply_opening(tokenizer) or ("", True))[0]
+    start = len(before) - len(opening) if before.endswith(opening) else len(before)
+    return start, len(upto) - len(after)
+
+
+def _find_reply(tokenizer, messages: list[dict], i: int, upto: str, text: str, search_from: int,
+                prefix: str) -> tuple[int, int]:
+    """Characters [start, end) of assistant turn i's reply (without what the template writes after it) in
+    `text`, the whole chat."""
+    found = _reply_chars(tokenizer, messages, i, upto) if text.startswith(upto) else None
+    if found is not None:
+        return found
+    start = text.find(messages[i]["content"], max(search_from, len(prefix) if text.startswith(prefix) else 0))
+    if start < 0:
+        raise LmforgeError("the chat template does not reproduce an assistant reply verbatim; cannot tell which "
+                           "tokens to train on")
+    return start, start + len(messages[i]["content"])
+
+
 def assistant_spans(tokenizer, messages: list[dict], ids: list[int], text: str) -> tuple[list[tuple[int, int]], bool]:
     """(token ranges [a, b) of each assistant turn within `ids` (the tokens of `text`, the rendered chat),
     whether every range was found exactly).
@@ -159,7 +275,8 @@ def assistant_spans(tokenizer, messages: list[dict], ids: list[int], text: str) 
     For assistant turn i, the tokens of template(messages[:i], add_generation_prompt) and of
     template(messages[:i+1]) must be prefixes of the whole; the turn is what lies between. Where that does
     not hold (templates that rewrite earlier turns; a reply whose leading whitespace merges into one token
-    with the template's newline) the range comes from character offsets instead, and is not exact."""
+    with the template's newline; Mistral v0.3, whose prompt for a turn has the system message that the
+    chat leaves out) the range comes from character offsets instead, and is not exact."""
     spans = []
     offsets = None
     exact = True
@@ -182,19 +299,19 @@ def assistant_spans(tokenizer, messages: list[dict], ids: list[int], text: str) 
             _, offsets = encode_text(tokenizer, text, offsets=True)
         if prefix and text.startswith(prefix) and text.startswith(upto) and len(upto) > len(prefix):
             start_c, end_c = len(prefix), len(upto)
+            reply_only = False
         else:
-            start_c = text.find(m["content"], max(search_from, len(prefix) if text.startswith(prefix) else 0))
-            if start_c < 0:
-                raise LmforgeError("the chat template does not reproduce an assistant reply verbatim; cannot "
-                                   "tell which tokens to train on")
-            end_c = start_c + len(m["content"])
+            start_c, end_c = _find_reply(tokenizer, messages, i, upto, text, search_from, prefix)
+            reply_only = True
         a, b = _token_spans_by_offsets(offsets, start_c, end_c)
-        if end_c == start_c + len(m["content"]) and b < len(ids):
-            # the reply alone: take the end-of-turn token right after it (past whitespace) as well
+        if reply_only and b < len(ids):
+            # the reply alone: take the end-of-turn token right after it (past whitespace) as well, if the
+            # template wrote one in this turn (not the next turn's opening token)
+            turn_end = len(upto) if text.startswith(upto) else len(text)
             k = b
             while k < len(ids) and not tokenizer.decode([ids[k]]).strip():
                 k += 1
-            if k < len(ids) and ids[k] in _special_ids(tokenizer):
+            if k < len(ids) and ids[k] in _special_ids(tokenizer) and offsets[k][0] < turn_end:
                 b = k + 1
         spans.append((a, b))
         search_from = end_c
@@ -206,8 +323,9 @@ def turnwise_ids(tokenizer, messages: list[dict], text: str, ids: list[int]):
     inference encodes it (template(messages[:i], add_generation_prompt)), then the reply. For when the whole
     text's tokens run across that boundary: ChatML's 'assistant\n' and a reply starting with a newline or
     spaces (indented code) merge into one token, so the prompt a served model gets would never be seen in
-    training. None where the pieces do not join up (a template that rewrites earlier turns, a tokenizer that
-    spells a piece differently on its own)."""
+    training. A later turn's prompt keeps the earlier replies' tokens as trained, so it can differ from the whole
+    prompt's tokens there. None where the pieces do not join up (a template that rewrites earlier turns, a
+    tokenizer that spells a piece differently on its own)."""
     built: list[int] = []
     spans = []
     done = 0  # characters of `text` covered so far
@@ -221,8 +339,11 @@ def turnwise_ids(tokenizer, messages: list[dict], text: str, ids: list[int]):
         if not (text.startswith(prefix) and text.startswith(upto) and done <= len(prefix) < len(upto)):
             return None
         prompt = encode_text(tokenizer, prefix)
-        if prompt[:len(built)] != built:  # an earlier reply reads otherwise in this turn's prompt
-            return None
+        if prompt[:len(built)] != built:
+            # an earlier reply tokenizes otherwise inside this longer text (its leading spaces merge with the
+            # template's newline): keep the tokens it was trained with, so that its labels still start right
+            # after its header, and encode only what follows it
+            prompt = built + encode_text(tokenizer, prefix[done:])
         built = prompt + encode_text(tokenizer, upto[len(prefix):])
         spans.append((len(prompt), len(built)))
         done = len(upto)
@@ -238,7 +359,7 @@ def encode_conversation(tokenizer, messages: list[dict], end_id: int, max_length
     """{"input_ids", "attention_mask", "labels"} with labels only on assistant tokens, each assistant turn
     ending with `end_id` (appended where the template did not write it). None when truncation to
     `max_length` leaves no assistant token. With train_all_assistant=False only the last turn is learned."""
-    text = render(tokenizer, messages)
+    text, messages = render_accepted(tokenizer, messages)
     ids = encode_text(tokenizer, text)
     spans, exact = assistant_spans(tokenizer, messages, ids, text)
     if not exact:
@@ -367,7 +488,8 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_
     """The model's (greedy) next assistant reply to each conversation, in batches, for `lmforge predict`."""
     model.eval()
     end_ids = end_token_ids(tokenizer, model, detect_end_of_turn(tokenizer))
-    prompts = [encode_text(tokenizer, render(tokenizer, m, add_generation_prompt=True)) for m in conversations]
+    prompts = [encode_text(tokenizer, render_accepted(tokenizer, m, add_generation_prompt=True)[0])
+               for m in conversations]
     outs = generate_batch(model, tokenizer, prompts, end_ids, max_new_tokens, num_beams, batch_size=batch_size)
     return [tokenizer.decode(new, skip_special_tokens=True).strip() for new in outs]
 
@@ -418,12 +540,16 @@ class SFTTask(Task):
 
     def fields(self):
         return {"messages": self.cfg.messages_field, "prompt": self.cfg.prompt_field,
-                "response": self.cfg.response_field}
+                "input": self.cfg.input_field, "response": self.cfg.response_field}
 
     def prepare(self, tokenizer, train: Loaded, others: dict[str, Loaded]) -> None:
         super().prepare(tokenizer, train, others)
         self.chat = setup_chat(tokenizer)
         self.end_id = tokenizer.convert_tokens_to_ids(self.chat["end_of_turn"])
+        check_generation_prompt(tokenizer)
+        if any(row["messages"][0]["role"] == "system" for row in train.rows) and rejects_system(tokenizer):
+            print("the chat template does not accept a system message; it is sent as part of the first user "
+                  "message instead", flush=True)
 
     def end_ids(self, model=None) -> list[int]:
         return end_token_ids(self.tokenizer, model, self.chat["end_of_turn"])
@@ -445,8 +571,11 @@ class SFTTask(Task):
 
     def features(self, loaded: Loaded, train: bool) -> list[dict]:
         feats = []
-        for row in loaded.rows:
-            f = encode_conversation(self.tokenizer, row["messages"], self.end_id, self.max_length)
+        for k, row in enumerate(loaded.rows):
+            try:
+                f = encode_conversation(self.tokenizer, row["messages"], self.end_id, self.max_length)
+            except LmforgeError as e:
+                raise LmforgeError(f"{loaded.loc(k)}: {e}") from None
             if f is not None:
                 feats.append(f)
         dropped = len(loaded.rows) - len(feats)
@@ -478,7 +607,8 @@ class SFTTask(Task):
             prompts, refs, shown = [], [], []
             for row in samples:
                 context, reference = split_for_generation(row["messages"])
-                ids = encode_text(self.tokenizer, render(self.tokenizer, context, add_generation_prompt=True))
+                text, _ = render_accepted(self.tokenizer, context, add_generation_prompt=True)
+                ids = encode_text(self.tokenizer, text)
                 prompts.append(ids[-self.max_length:])
                 refs.append(reference)
                 shown.append(next((m["content"] for m in reversed(context) if m["role"] != "assistant"), ""))
