@@ -469,6 +469,24 @@ def test_sft_end_to_end(tiny_run, tmp_path):
     assert "reply" in json.loads(pred.out)
 
 
+def test_sft_alpaca_input_beyond_the_first_row_is_trained_and_predicted(tiny_run, tmp_path):
+    # Alpaca files leave 'input' out where it is empty: a first row without one must not drop everyone's
+    rows = [{"instruction": "Say hi.", "output": "hi"}] + [
+        {"instruction": f"Add {i}.", "ctx": f"{i} {i}", "output": str(2 * i)} for i in range(6)]
+    data = _write_jsonl(tmp_path / "alpaca.jsonl", rows)
+    out = tmp_path / "sft"
+    res = cli("finetune", "--task", "sft", "--model", tiny_run.final, "--train", data, "--validation", data,
+              "--input-field", "ctx", "--out", out, "--max-steps", "1", "--batch-size", "4", "--no-progress",
+              "--max-new-tokens", "2", "--eval-samples", "7")
+    assert res.code == 0, res.err
+    prompts = [json.loads(line)["prompt"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert "Add 3.\n\n3 3" in prompts and "Say hi." in prompts
+    unlabelled = _write_jsonl(tmp_path / "in.jsonl", [{"instruction": "Add 3.", "ctx": "3 3"}])
+    pred = cli("predict", "--model", out, "--input", unlabelled, "--max-new-tokens", "2")
+    assert pred.code == 0, pred.err
+    assert json.loads(pred.out)["prompt"] == "Add 3.\n\n3 3"  # asked as it was trained
+
+
 def test_sft_lora_adapter_reads_as_its_merged_model(tiny_run, tmp_path):
     from transformers import AutoTokenizer, GenerationConfig
 
