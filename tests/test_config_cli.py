@@ -119,6 +119,16 @@ def test_unknown_cli_option_suggests_closest():
     assert_user_error(res, "unknown option '--batchsize'", "did you mean '--batch-size'")
 
 
+def test_other_tools_option_names_suggest_ours(tmp_path):
+    # the Hugging Face Trainer's names, which no spelling distance leads to
+    assert_user_error(cli("finetune", "--learning-rate", "1e-3"), "'--learning-rate'", "did you mean '--lr'")
+    assert_user_error(cli("finetune", "--num-train-epochs", "2"), "did you mean '--epochs'")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("gradient_accumulation_steps: 4\n", encoding="utf-8")
+    assert_user_error(cli("finetune", "--config", cfg), "unknown option 'gradient_accumulation_steps'",
+                      "did you mean 'grad_accum'")
+
+
 def test_unknown_verb_suggests_closest():
     assert_user_error(cli("pretrian"), "unknown verb 'pretrian'", "did you mean 'pretrain'")
     assert_user_error(cli("generat", "--model", "x"), "did you mean 'generate'")

@@ -516,8 +516,10 @@ def run(cfg: FinetuneConfig) -> dict:
         protect = (best["checkpoint"],) if best["checkpoint"] else ()
         return ckpt.save_checkpoint(out, step, write, state, config_yaml, keep=1, protect=protect)
 
+    wall0, eval_seconds = time.time(), []  # the --max-minutes budget counts evaluations too, this one included
     if step == 0 and cfg.task in ("translate", "sft"):  # the baseline fine-tuning has to beat (BLEU, perplexity)
         zero_shot = evaluate("validation").metrics
+        eval_seconds.append(time.time() - wall0)
         print(f"zero-shot validation: {short(zero_shot)}", flush=True)
         log.log(step=0, **{f"val_{k}": v for k, v in zero_shot.items() if isinstance(v, (int, float))})
 
@@ -526,8 +528,7 @@ def run(cfg: FinetuneConfig) -> dict:
     bar = tqdm(total=plan["max_steps"], initial=step, desc=f"finetune {cfg.task}", unit="step",
                dynamic_ncols=True, disable=not (cfg.progress and rt.is_main))
     model.train()
-    t0, seen, timed_steps, elapsed = time.time(), 0, 0, 0.0
-    wall0, eval_seconds, shown = t0, [], 0  # the --max-minutes budget counts evaluations too
+    t0, seen, timed_steps, elapsed, shown = time.time(), 0, 0, 0.0, 0
     cap = plan["max_steps"] if cfg.max_steps or cfg.epochs else 10 ** 9
     refit = cfg.max_minutes > 0 and resume_from is None  # a resumed run keeps the plan it was saved with
     stop = StopOnSignal().install()
@@ -568,17 +569,18 @@ def run(cfg: FinetuneConfig) -> dict:
                 elapsed = time.time() - t0
                 if refit and timed_steps == 3:
                     t_warm = elapsed  # the first steps pay for allocator and kernel warm-up: not the pace
-                if refit and timed_steps >= 13 and timed_steps % 10 == 3:
-                    # Fit the schedule to the time budget at the pace measured so far, and again every 10 steps
-                    # (the LR schedule follows); every rank takes the smallest fit so they stop together.
+                if refit and timed_steps >= 5 and timed_steps % 10 == 5:
+                    # Fit the schedule to the time budget at the pace measured so far (from two steps after the
+                    # warm-up on: a short budget must not wait for more), and again every 10 steps (the LR
+                    # schedule follows); every rank takes the smallest fit so they stop together.
                     fit = int(rt.agree([fit_steps(cfg.max_minutes * 60, time.time() - wall0, step,
                                                   (elapsed - t_warm) / (timed_steps - 3),
                                                   sum(eval_seconds) / len(eval_seconds) if eval_seconds else None,
                                                   eval_every, cap)], "min")[0])
-                    if timed_steps == 13 or abs(fit - plan["max_steps"]) > max(2, 0.02 * plan["max_steps"]):
+                    if timed_steps == 5 or abs(fit - plan["max_steps"]) > max(2, 0.02 * plan["max_steps"]):
                         plan["max_steps"] = bar.total = fit
-                        if timed_steps == 13 or abs(fit - shown) > 0.1 * shown:  # say so when it matters
-                            how = "about" if timed_steps == 13 else "the pace changed: now"
+                        if timed_steps == 5 or abs(fit - shown) > 0.1 * shown:  # say so when it matters
+                            how = "about" if timed_steps == 5 else "the pace changed: now"
                             print(f"\n--max-minutes {cfg.max_minutes:g}: {how} {fit} steps "
                                   f"({fit / steps_per_epoch:.2f} epochs)", flush=True)
                             shown = fit

@@ -1,6 +1,6 @@
 """The two-stage story on built-in data, in a few minutes on a laptop CPU.
 
-    lmforge quickstart                       # ~5 minutes on 2 cores
+    lmforge quickstart                       # ~8 minutes on 2 cores (3 of pretraining, 2 of fine-tuning, evaluations)
     lmforge quickstart --minutes 1 --no-finetune
 
 Stage 1 pretrains a small Llama-style LM on the built-in Shakespeare and reports bits-per-byte (lower is
