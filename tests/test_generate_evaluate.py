@@ -55,6 +55,31 @@ def test_greedy_is_deterministic_and_seed_independent(tiny_run):
     assert a.startswith("ROMEO:")
 
 
+def test_a_continuation_keeps_the_space_a_sentencepiece_decoder_strips():
+    """Llama 2 / Mistral decoders drop the space a text's first token opens with: decoded on its own, the first
+    new token of "The capital is" + "▁Paris" read "Paris" and the printed text "The capital isParis"."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lmforge.generate.sampling import StreamDecoder
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁The": 3, "▁capital": 4, "▁is": 5, "▁Paris": 6, ".": 7}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.pre_tokenizer = pre_tokenizers.Split("▁", "merged_with_next")
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])  # as Llama 2's tokenizer.json has it
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    prompt, new = [1] + tok.encode("The capital is", add_special_tokens=False), [6, 7]
+
+    def stream(**kw):
+        dec = StreamDecoder(tok, **kw)
+        return "".join(dec.push(t) for t in new) + dec.flush()
+
+    assert stream(context=prompt) == " Paris." == tok.decode(prompt + new)[len(tok.decode(prompt)):]
+    assert stream() == "Paris."  # a chat reply, a message of its own
+
+
 def test_greedy_text_matches_the_model(tiny_run):
     """The streamed text is the decode of the greedy tokens (StreamDecoder loses nothing)."""
     import torch

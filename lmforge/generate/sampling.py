@@ -84,13 +84,20 @@ class StreamDecoder:
     spaces some tokenizers attach at decode time. So each step decodes a short window (the previous piece
     and the new tokens) and emits what the new tokens add, holding back an incomplete UTF-8 character;
     `flush` releases whatever is left when generation ends.
+
+    `context`, the prompt's ids for a text continuation: its last tokens start the window, so that the first
+    new token is decoded as it reads after the prompt. SentencePiece decoders (Llama 2, Mistral) strip the
+    space a text's first token opens with: "The capital is" + "▁Paris" would read "The capital isParis".
+    A chat reply starts a message of its own and is decoded without one.
     """
 
-    def __init__(self, tokenizer):
+    CONTEXT_TOKENS = 4
+
+    def __init__(self, tokenizer, context: list[int] = ()):
         self.tok = tokenizer
-        self.ids: list[int] = []
+        self.ids: list[int] = list(context)[-self.CONTEXT_TOKENS:]
         self.prefix = 0  # start of the window decoded for context
-        self.read = 0  # end of what has been emitted
+        self.read = len(self.ids)  # end of what has been emitted
 
     def _decode(self, ids) -> str:
         return self.tok.decode(ids, skip_special_tokens=True) if ids else ""
@@ -155,6 +162,6 @@ def model_stop_ids(tokenizer, path, chat: bool) -> set[int]:
 def generate_text(model, tokenizer, prompt: str, **kwargs) -> str:
     # encode() adds BOS exactly where the tokenizer is configured to (Llama yes, SmolLM2 and lmforge no).
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_token_id or 0]
-    dec = StreamDecoder(tokenizer)
+    dec = StreamDecoder(tokenizer, context=ids)
     text = "".join(dec.push(t) for t in generate_ids(model, ids, stop_ids=stop_token_ids(tokenizer), **kwargs))
     return text + dec.flush()

@@ -68,7 +68,7 @@ def _run(cfg: GenerateConfig) -> int:
               "context window]", file=sys.stderr)
     if not cfg.chat:
         sys.stdout.write(prompt)
-    dec = StreamDecoder(tokenizer)
+    dec = StreamDecoder(tokenizer, context=[] if cfg.chat else ids)  # the text goes on after the prompt
     t, n = time.time(), 0
     for token in generate_ids(model, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
                               cfg.top_p if cfg.top_p < 1 else None, stops, cfg.seed):

@@ -337,7 +337,7 @@ def _add_generation_routes(app: FastAPI, state: State) -> None:
             raise APIError(400, "best_of is not supported (it may only equal n)", "best_of", "unsupported")
         prompts = await anyio.to_thread.run_sync(_completion_prompts, state, body.prompt)
         params = _sampling(state, body, [len(p) for p in prompts], default_max=16, param="max_tokens",
-                           stop_ids=state.served.stop_ids)
+                           stop_ids=state.served.stop_ids, continues_prompt=True)
         # a text prompt echoes as sent (not with the BOS its encoding starts with); token ids echo decoded
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         echo = [(t if isinstance(t, str) else state.served.tokenizer.decode(p, skip_special_tokens=False))
@@ -464,7 +464,7 @@ def _chat_prompt(state: State, messages: list[dict]) -> list[int]:
 
 
 def _sampling(state: State, body, prompt_lens: list[int], default_max: int | None, param: str,
-              stop_ids) -> SamplingParams:
+              stop_ids, continues_prompt: bool = False) -> SamplingParams:
     ctx = state.served.context_length
     longest = max(prompt_lens)
     if longest >= ctx:
@@ -513,7 +513,7 @@ def _sampling(state: State, body, prompt_lens: list[int], default_max: int | Non
         top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, seed=body.seed,
         stop_ids=frozenset() if body.ignore_eos else frozenset(stop_ids), stop=tuple(stop),
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-        logit_bias=bias)
+        logit_bias=bias, continues_prompt=continues_prompt)
 
 
 class _Run:

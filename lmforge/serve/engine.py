@@ -59,6 +59,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict | None = None  # token id -> added logit
+    continues_prompt: bool = False  # a completion: decoded as text after the prompt (keeps a leading space)
 
     @property
     def adjusts_logits(self) -> bool:
@@ -95,7 +96,7 @@ class Sequence:
         self.index = index
         self.sink = sink
         self.group = group
-        self.decoder = StreamDecoder(tokenizer)
+        self.decoder = StreamDecoder(tokenizer, context=self.prompt_ids if params.continues_prompt else [])
         self.text = ""
         self.sent = 0  # characters of self.text already sent
         self.max_stop = max((len(s) for s in params.stop), default=0)
