@@ -234,6 +234,25 @@ def test_resume_matches_uninterrupted(tiny_bert, sentiment, tmp_path):
     assert ma["validation"]["accuracy"] == mb["validation"]["accuracy"] and ma["best_step"] == mb["best_step"]
 
 
+def test_a_stop_after_an_evaluation_saves_once_and_damage_is_named(tiny_bert, sentiment, tmp_path, monkeypatch):
+    from lmforge.train import checkpoint as ckpt
+
+    train, val = sentiment
+    saves = []
+    real = ckpt.save_checkpoint
+    monkeypatch.setattr(ckpt, "save_checkpoint", lambda out_dir, step, *a, **kw: saves.append(step) or real(
+        out_dir, step, *a, **kw))
+    out = tmp_path / "s"
+    res = cli("finetune", "--task", "classify", "--model", tiny_bert, "--train", train, "--validation", val,
+              "--batch-size", "4", "--evals-per-epoch", "4", "--out", out, "--stop-after-steps", "3", "--no-progress")
+    assert res.code == 0, res.err
+    assert saves == [3]  # evaluated and saved at step 3, then stopped there: one write
+    trainable = out / "checkpoints" / "step-000003" / "lmforge_state" / "trainable.safetensors"
+    trainable.write_bytes(trainable.read_bytes()[:50])
+    assert_user_error(cli("finetune", "--out", out, "--resume", "--no-progress"), "step-000003",
+                      "damaged checkpoint", "start the run again")
+
+
 def test_fp16_trains_through_a_grad_scaler(tiny_bert, sentiment, tmp_path, monkeypatch):
     """fp16 (GPUs without bf16) scales the loss; the scale is saved with the checkpoint and a resume finishes. The
     model is stored in fp16, as OPT or Llama-2 are: it must train from fp32 master weights (the scaler refuses

@@ -255,10 +255,59 @@ def test_resume_of_a_finished_run_is_harmless(tmp_path, tiny_run):
     assert cli(*fast_args(tiny_run, out, "--max-steps", "2", "--eval-interval", "1", "--save-interval", "1",
                           "--log-interval", "1")).code == 0
     rows_before = [r for r in metrics_rows(out) if "loss" in r]
+    final_before = (out / "final" / "model.safetensors").read_bytes()
+    metrics_before = (out / "metrics.json").read_text()
     res = cli("pretrain", "--out", out, "--resume")
     assert res.code == 0, res.err
+    assert "finished run" in res.out and "--init-from" in res.out
     rows_after = [r for r in metrics_rows(out) if "loss" in r]
     assert [r["step"] for r in rows_after] == [r["step"] for r in rows_before]
+    # nothing retrained or rewritten (a --max-minutes stop saves no checkpoint: resuming from the one before
+    # trained on past the budget and replaced the model)
+    assert (out / "final" / "model.safetensors").read_bytes() == final_before
+    assert (out / "metrics.json").read_text() == metrics_before
+
+
+def test_resume_survives_what_a_kill_leaves_and_names_damage(tmp_path, tiny_run, monkeypatch):
+    from lmforge.train import checkpoint as ckpt
+
+    out = tmp_path / "k"
+    saves = []
+    real = ckpt.save_checkpoint
+    monkeypatch.setattr(ckpt, "save_checkpoint", lambda out_dir, step, *a, **kw: saves.append(step) or real(
+        out_dir, step, *a, **kw))
+    res = cli(*fast_args(tiny_run, out, "--max-steps", "8", "--save-interval", "2", "--stop-after-steps", "4"))
+    assert res.code == 0, res.err
+    assert saves == [2, 4]  # the stop on a save step writes it once, not twice
+    root = out / "checkpoints"
+    # a kill between the two renames of a rewrite: only the .old- copy exists; an unfinished .tmp- write
+    (root / "step-000004").rename(root / ".old-step-000004-12345")
+    (root / ".tmp-step-000006-abc").mkdir()
+    (out / "metrics.jsonl").open("a").write('{"time": 1, "step": 5, "lo')  # a torn last line
+    res = cli("pretrain", "--out", out, "--resume", "--stop-after-steps", "1")
+    assert res.code == 0, res.err
+    assert "at step 4" in res.out
+    assert not list(root.glob(".tmp-*")) and not list(root.glob(".old-*"))
+    # a truncated weights file is named, with the way out
+    weights = root / "step-000005" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert_user_error(cli("pretrain", "--out", out, "--resume"), "step-000005", "damaged checkpoint",
+                      "resume from step-000004")
+
+
+def test_resume_needs_no_init_from_model(tmp_path, tiny_run):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_run.final, base)
+    out = tmp_path / "cont"
+    args = ["pretrain", "--data", tiny_run.corpus, "--out", out, "--init-from", base, "--max-steps", "4",
+            "--batch-size", "2", "--no-progress", "--eval-tokens", "256", "--sample-tokens", "0"]
+    assert cli(*args, "--stop-after-steps", "2").code == 0
+    shutil.rmtree(base)  # the checkpoint holds model and tokenizer: resuming must not look for it
+    res = cli("pretrain", "--out", out, "--resume")
+    assert res.code == 0, res.err
+    assert (out / "final" / "model.safetensors").exists()
 
 
 def test_init_from_continues_training(tmp_path, tiny_run, other_corpus_file):

@@ -367,7 +367,7 @@ def run(cfg: FinetuneConfig) -> dict:
     if cfg.fsdp and not rt.distributed:
         print("--fsdp: one process has nothing to shard with; training unsharded (start it with torchrun)", flush=True)
     if resume_from is not None:
-        _load_weights(model, resume_from)  # before sharding: the file holds whole tensors
+        ckpt.load_checked(resume_from, lambda f: _load_weights(model, f))  # before sharding: whole tensors
     if sharded:
         # The transformers model is the root even under LoRA: generate() runs its forward, not PEFT's wrapper's.
         shard_model(hf_model)
@@ -492,11 +492,14 @@ def run(cfg: FinetuneConfig) -> dict:
         whole["model"].load_state_dict(model_state)
         return whole["model"]
 
+    last_save: list = [None, None]  # (step, folder) of the latest checkpoint written
+
     def save(step: int) -> Path | None:
         """A checkpoint (rank 0 writes; sharded, every rank must call it)."""
         rngs = rt.all_ranks(ckpt.rng_state())  # each rank's own dropout stream resumes where it was
         model_state, optim_state = full_state(model, optimizer) if sharded else (None, None)
         source = unsharded(model_state)
+        last_save[:] = [step, None]  # on every rank, so that all of them skip (or take part in) a second save
         if not rt.is_main:
             return None
         state = {"optimizer": optim_state if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -514,7 +517,8 @@ def run(cfg: FinetuneConfig) -> dict:
             save_file({n: t.contiguous().cpu() for n, t in _trainable_state(source).items()},
                       str(folder / "lmforge_state" / "trainable.safetensors"))
         protect = (best["checkpoint"],) if best["checkpoint"] else ()
-        return ckpt.save_checkpoint(out, step, write, state, config_yaml, keep=1, protect=protect)
+        last_save[1] = ckpt.save_checkpoint(out, step, write, state, config_yaml, keep=1, protect=protect)
+        return last_save[1]
 
     wall0, eval_seconds = time.time(), []  # the --max-minutes budget counts evaluations too, this one included
     if step == 0 and cfg.task in ("translate", "sft"):  # the baseline fine-tuning has to beat (BLEU, perplexity)
@@ -626,7 +630,8 @@ def run(cfg: FinetuneConfig) -> dict:
         bar.close()
         stop.restore()
     if stopped:
-        path = save(step)
+        # a stop right after an evaluation has its checkpoint already (see pretrain: no second write)
+        path = last_save[1] if last_save[0] == step else save(step)
         print(f"stopped at step {step}; checkpoint {path}. "
               f"Continue with: {rt.command('finetune')} --out {out} --resume",
               flush=True)
@@ -637,7 +642,7 @@ def run(cfg: FinetuneConfig) -> dict:
 
     # ---- best model -> DIR/final, metrics, predictions ---------------------------------------------------------
     if best["checkpoint"] and (out / "checkpoints" / best["checkpoint"]).exists():
-        _load_weights(model, out / "checkpoints" / best["checkpoint"], sharded)
+        ckpt.load_checked(out / "checkpoints" / best["checkpoint"], lambda f: _load_weights(model, f, sharded))
     model.eval()
     results = {"task": cfg.task, "model": str(path), "lora": cfg.lora, "steps": step,
                "epochs": round(step / steps_per_epoch, 3), "best_step": best["step"],

@@ -141,15 +141,23 @@ def run(cfg: PretrainConfig) -> dict:
 
     if not cfg.resume:
         ckpt.refuse_earlier_run(out)
+    if cfg.resume and (out / "final" / "config.json").exists():
+        # DIR/final is written last: the run is done. Resuming from its last checkpoint would train past the
+        # --max-minutes stop (which saves none) without a budget and replace DIR/final and metrics.json.
+        print(f"{out} is a finished run (its model is {out / 'final'}): nothing to resume. To train further, "
+              f"start a new run with --init-from {out / 'final'}", flush=True)
+        return {"finished": str(out / "final")}
     resume_from = ckpt.latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume_from is None:
         raise LmforgeError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    saved: dict = ckpt.load_trainer_state(resume_from) if resume_from is not None else {}
 
     # ---- data and tokenizer -------------------------------------------------------------------------------
     sources = resolve_sources(cfg.data)
     if rt.distributed and not rt.is_main:
         torch.distributed.barrier()  # rank 0 converts models, trains the tokenizer and fills the token cache first
-    init_path = resolve_model(cfg.init_from) if cfg.init_from else None
+    # resumed, model and tokenizer come from the checkpoint: the --init-from model need not be at hand any more
+    init_path = resolve_model(cfg.init_from) if cfg.init_from and resume_from is None else None
     if resume_from is not None:
         tokenizer = load_tokenizer(resume_from)
     elif init_path is not None:
@@ -170,7 +178,7 @@ def run(cfg: PretrainConfig) -> dict:
 
     # ---- model ---------------------------------------------------------------------------------------------
     if resume_from is not None:
-        model = load_causal_lm(resume_from)
+        model = ckpt.load_checked(resume_from, load_causal_lm)
     elif init_path is not None:
         model = load_causal_lm(init_path, max_seq_len=cfg.context or None)
     else:
@@ -188,7 +196,7 @@ def run(cfg: PretrainConfig) -> dict:
     else:
         flops_per_token = 6 * n_params
 
-    lr = cfg.lr or (1e-4 if init_path else 2e-3)
+    lr = cfg.lr or (1e-4 if cfg.init_from else 2e-3)
     sharded = cfg.fsdp and rt.distributed
     if cfg.fsdp and not rt.distributed:
         print("--fsdp: one process has nothing to shard with; training unsharded (start it with torchrun)", flush=True)
@@ -199,7 +207,10 @@ def run(cfg: PretrainConfig) -> dict:
     if rt.distributed and not sharded:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
-    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and compile_pays_off(cfg, rt.device))
+    # resumed, "auto" keeps the run's choice: on a resume cfg.max_steps is the fitted count, which could
+    # switch compilation on, and compiled steps round differently from the eager ones being continued
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and saved.get(
+        "compiled", compile_pays_off(cfg, rt.device) if resume_from is None else False))
     if use_compile:
         train_model = torch.compile(train_model)
 
@@ -230,9 +241,7 @@ def run(cfg: PretrainConfig) -> dict:
 
     # ---- the step budget -------------------------------------------------------------------------------------
     start_step, max_steps, per_step = 0, cfg.max_steps, None
-    saved: dict = {}
     if resume_from is not None:
-        saved = ckpt.load_trainer_state(resume_from)
         start_step = saved["step"]
         max_steps = saved["max_steps"]
         world = saved.get("world_size", rt.world_size)
@@ -278,20 +287,24 @@ def run(cfg: PretrainConfig) -> dict:
             log.log(**row)
         return row
 
+    last_save: list = [None, None]  # (step, folder) of the latest checkpoint written
+
     def save(step: int) -> Path | None:
         # Sharded, every rank hands its shards to rank 0, which writes the same files as an unsharded run.
         model_state, optim_state = full_state(model, optimizer) if sharded else (None, None)
         rngs = rt.all_ranks(ckpt.rng_state())
+        last_save[:] = [step, None]  # on every rank, so that all of them skip (or take part in) a second save
         if not rt.is_main:
             return None
         state = {"optimizer": optim_state if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": rngs, "step": step, "max_steps": max_steps, "world_size": rt.world_size,
-                 "grad_scaler": scaler.state_dict(),
+                 "grad_scaler": scaler.state_dict(), "compiled": use_compile,
                  "data_position": {"step": step, "seed": cfg.seed}}
         def write(folder: Path):
             model.save_hf(folder, model_state)
             tokenizer.save_pretrained(folder)
-        return ckpt.save_checkpoint(out, step, write, state, config_yaml, keep=cfg.keep_checkpoints)
+        last_save[1] = ckpt.save_checkpoint(out, step, write, state, config_yaml, keep=cfg.keep_checkpoints)
+        return last_save[1]
 
     stop, bar = StopOnSignal().install(), None  # the handler before the first evaluation, which can take a while
     try:
@@ -386,7 +399,9 @@ def run(cfg: PretrainConfig) -> dict:
 
     train_seconds = time.time() - t_start
     if stopped_early:
-        path = save(step)
+        # a stop on a save step has its checkpoint already (writing it again doubled the wait, and a kill
+        # between the two renames of the rewrite left no checkpoint of that step)
+        path = last_save[1] if last_save[0] == step else save(step)
         print(f"stopped at step {step}; checkpoint {path}. "
               f"Continue with: {rt.command('pretrain')} --out {out} --resume",
               flush=True)
@@ -422,7 +437,8 @@ def run(cfg: PretrainConfig) -> dict:
         plot = log.plot()
         print(f"done in {format_duration(train_seconds)}: val bits/byte {summary['val_bits_per_byte']:.4f}, "
               f"perplexity {summary['val_perplexity']:.2f}"
-              + (f" (before: {summary['initial_val_perplexity']:.2f})" if init_path and first_eval else ""), flush=True)
+              + (f" (before: {summary['initial_val_perplexity']:.2f})" if cfg.init_from and first_eval else ""),
+              flush=True)
         print(f"model: {final}\nmetrics: {out / 'metrics.json'}" + (f"\nloss curve: {plot}" if plot else ""), flush=True)
     return summary
 

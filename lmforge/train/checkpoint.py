@@ -62,6 +62,22 @@ def write_folder_atomic(dest: str | Path, write: Callable[[Path], None]) -> Path
     return dest
 
 
+def _tidy(root: Path) -> None:
+    """Undo what a kill mid-save left in `root`: a checkpoint being replaced sits in .old-NAME-PID until its
+    successor is in place, so one without a NAME beside it is the only copy and goes back; .tmp-* folders are
+    unfinished writes (one process saves at a time), each a model's worth of disk."""
+    if not root.is_dir():
+        return
+    for old in root.glob(".old-step-*"):
+        name = old.name[len(".old-"):].rsplit("-", 1)[0]
+        if (root / name).exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, root / name)
+    for tmp in root.glob(".tmp-step-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_checkpoint(out_dir: str | Path, step: int, write_model: Callable[[Path], None], trainer_state: dict,
                     config_yaml: str, keep: int = 2, protect: tuple[str, ...] = ()) -> Path:
     """Write checkpoint `step` atomically; `write_model(folder)` writes the HF files. Returns its folder.
@@ -69,6 +85,7 @@ def save_checkpoint(out_dir: str | Path, step: int, write_model: Callable[[Path]
     The newest `keep` checkpoints survive, plus any named in `protect` (e.g. the best one so far)."""
     root = Path(out_dir) / "checkpoints"
     name = f"step-{step:06d}"
+    _tidy(root)
 
     def write(folder: Path):
         write_model(folder)
@@ -90,6 +107,7 @@ def save_checkpoint(out_dir: str | Path, step: int, write_model: Callable[[Path]
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     root = Path(out_dir) / "checkpoints"
+    _tidy(root)
     marker = root / "latest"
     if marker.exists():
         path = root / marker.read_text().strip()
@@ -109,6 +127,21 @@ def refuse_earlier_run(out_dir: str | Path) -> None:
     if found:
         raise LmforgeError(f"{out_dir} holds checkpoints of an earlier run (up to {found[-1]}): continue it with "
                            f"--resume, or start afresh in another --out (or after rm -r {root})")
+
+
+def load_checked(ckpt: Path, load: Callable, *args):
+    """`load(ckpt, *args)`, with a damaged checkpoint (a truncated or missing weights file: a full disk, a copy
+    cut short) named, with the way out, instead of a safetensors traceback."""
+    try:
+        return load(ckpt, *args)
+    except LmforgeError:
+        raise
+    except Exception as e:  # SafetensorError, OSError, FileNotFoundError, ValueError from a bad header...
+        older = sorted(p.name for p in ckpt.parent.glob("step-*") if p.name < ckpt.name)
+        way_out = (f"delete it to resume from {older[-1]}" if older else
+                   "no earlier checkpoint is left; start the run again")
+        raise LmforgeError(f"{ckpt}: damaged checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                           f"{way_out}") from None
 
 
 def load_trainer_state(ckpt: Path) -> dict:

@@ -279,7 +279,13 @@ class MetricsLog:
     def rows(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a kill or a full disk: the log is a record, not state
+                continue
+        return [r for r in rows if isinstance(r, dict)]
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop rows logged after the checkpoint so the log reads as one clean run."""
