@@ -55,6 +55,13 @@ def test_greedy_is_deterministic_and_seed_independent(tiny_run):
     assert a.startswith("ROMEO:")
 
 
+def test_a_prompt_that_is_not_utf8_is_named(tiny_run):
+    from conftest import assert_user_error
+
+    # argv bytes that are not UTF-8 reach Python as lone surrogates
+    assert_user_error(cli("generate", "--model", tiny_run.final, "--prompt", "abc\udcff"), "--prompt", "UTF-8")
+
+
 def test_a_continuation_keeps_the_space_a_sentencepiece_decoder_strips():
     """Llama 2 / Mistral decoders drop the space a text's first token opens with: decoded on its own, the first
     new token of "The capital is" + "▁Paris" read "Paris" and the printed text "The capital isParis"."""

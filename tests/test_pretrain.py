@@ -396,3 +396,25 @@ def test_a_new_run_in_an_old_out_trains_its_own_tokenizer_or_is_refused(tmp_path
     res = cli(*base, "--vocab-size", "280", "--max-steps", "2")  # the same spec: reused
     assert res.code == 0, res.err
     assert "training a byte-level BPE tokenizer" not in res.out
+    # the same files with other text (more added after "corpus too small; add text"): trained again
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    grown = tmp_path / "grown.txt"
+    grown.write_text(Path(tiny_run.corpus).read_text(encoding="utf-8"), encoding="utf-8")
+    grown_base = [str(grown) if a == tiny_run.corpus else a for a in base]
+    assert cli(*grown_base, "--vocab-size", "280", "--max-steps", "1").code == 0
+    with grown.open("a", encoding="utf-8") as f:
+        f.write("A few more lines of text.\n" * 20)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    res = cli(*grown_base, "--vocab-size", "280", "--max-steps", "1")
+    assert res.code == 0, res.err
+    assert "training a byte-level BPE tokenizer (vocab 280)" in res.out
+
+
+def test_jsonl_corpora_keep_unicode_line_separators_and_drop_a_bom(tmp_path):
+    from lmforge.data.corpus import iter_documents, resolve_sources
+
+    f = tmp_path / "u.jsonl"
+    f.write_text("\ufeff" + json.dumps({"text": "a\u2028b\u0085c"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    t = tmp_path / "b.txt"
+    t.write_text("\ufeffplain text\n", encoding="utf-8")
+    assert list(iter_documents(resolve_sources([str(f), str(t)]))) == ["a\u2028b\u0085c", "plain text\n"]

@@ -99,8 +99,13 @@ def decode_utf8(raw: bytes, path: Path, keep_bad_bytes: bool = False) -> str:
                            f"{e.start}); convert the file to UTF-8, e.g. iconv -f GB18030 -t UTF-8") from None
 
 
+def _without_bom(text: str) -> str:
+    # Notepad and spreadsheet exports start UTF-8 with a byte-order mark: no part of the text
+    return text[1:] if text.startswith("\ufeff") else text
+
+
 def read_text(path: Path) -> str:
-    text = decode_utf8(read_bytes(path), path)
+    text = _without_bom(decode_utf8(read_bytes(path), path))
     if not text.strip():
         raise LmforgeError(f"{path}: file is empty")
     return text
@@ -108,8 +113,9 @@ def read_text(path: Path) -> str:
 
 def iter_jsonl(path: Path, field: str | None = None) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; malformed lines raise with their line number."""
-    text = decode_utf8(read_bytes(path), path)
-    for n, line in enumerate(text.splitlines(), 1):
+    text = _without_bom(decode_utf8(read_bytes(path), path))
+    # split on \n only: str.splitlines() also breaks at U+2028, U+0085 and friends, which JSON strings may hold
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -54,7 +54,8 @@ def tokenize_corpus(sources: list[Source], tokenizer, *, text_field: str = "text
     if not 0 < val_fraction < 1:
         raise LmforgeError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     eos = tokenizer.eos_token_id
-    key = json.dumps([fingerprint(sources), _tokenizer_hash(tokenizer), text_field, val_fraction, eos, 1])
+    # the last item is the reader's version: 2 since a leading byte-order mark is no longer read as text
+    key = json.dumps([fingerprint(sources), _tokenizer_hash(tokenizer), text_field, val_fraction, eos, 2])
     folder = cache_root() / "tokens" / hashlib.sha256(key.encode()).hexdigest()[:20]
     if (folder / "meta.json").exists():
         return _open(folder)

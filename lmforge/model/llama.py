@@ -33,7 +33,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     head_dim: int = 0  # 0: n_embd // n_head
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None  # a list as instruct models name several (Llama 3: two)
     arch: str = "llama"  # the Hugging Face architecture written on export: "llama" or "qwen2" (q/k/v biases)
     # Llama 3.1+'s long-context RoPE: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
     # "original_max_position_embeddings"} as in its config.json; None: plain RoPE
@@ -376,7 +376,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         rope_theta=float(rope_theta), norm_eps=hf.get("rms_norm_eps", 1e-5),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        bos_token_id=hf.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=list(eos) if isinstance(eos, list) else eos,
         arch="qwen2" if mtype == "qwen2" else "llama", rope_scaling=scaling,
     )
 

@@ -95,7 +95,8 @@ def run(cfg: EvaluateConfig) -> int:
     bpt = None
     if token_bytes is None:
         sample = np.asarray(tokens[:20000])
-        bpt = len(tokenizer.decode(sample.tolist()).encode("utf-8")) / max(1, len(sample))
+        # special tokens (the EOS between documents) are no text (see pretrain)
+        bpt = len(tokenizer.decode(sample.tolist(), skip_special_tokens=True).encode("utf-8")) / max(1, len(sample))
     device = torch.device("cpu")
     result = evaluate_tokens(model, tokens, context, token_bytes, bpt, batch_size=cfg.batch_size,
                              max_tokens=cfg.max_tokens or None, precision=resolve_precision(cfg.precision, device))

@@ -47,6 +47,9 @@ def _run(cfg: GenerateConfig) -> int:
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(path).eval()
     prompt = cfg.prompt
+    if any("\udc80" <= c <= "\udcff" for c in prompt):  # how Python hands over argv bytes that are not UTF-8
+        raise LmforgeError("--prompt: not valid UTF-8 (a terminal or file in another encoding, or text cut in "
+                           "the middle of a character)")
     if cfg.chat and not getattr(tokenizer, "chat_template", None):
         raise LmforgeError(f"{path}: the tokenizer has no chat template; drop --chat")
     # as serve stops: a chat turn at the template's end-of-turn token, and every EOS the model names

@@ -91,15 +91,17 @@ def model_config(cfg: PretrainConfig, vocab_size: int, tokenizer):
 def prepare_tokenizer(cfg: PretrainConfig, out: Path, sources):
     import json
 
-    from lmforge.data.corpus import iter_documents
+    from lmforge.data.corpus import fingerprint, iter_documents
     from lmforge.tokenizer.bpe import load_tokenizer, train_bpe
 
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
     # What the tokenizer in DIR/tokenizer was trained from: an earlier run in DIR (interrupted before its first
     # checkpoint, say) with the same data and vocabulary size has it already; any other run trains its own.
+    # The files' size and mtime too: a run that stopped on "corpus too small; add text" must not, once the
+    # text is added, reuse the tokenizer trained on the few lines there were.
     spec = json.dumps({"vocab_size": cfg.vocab_size, "text_field": cfg.text_field,
-                       "data": [str(Path(s.path).resolve()) for s in sources]}, sort_keys=True)
+                       "data": fingerprint(sources)}, sort_keys=True)
     stamp = out / "tokenizer.spec.json"
     if (out / "tokenizer" / "tokenizer.json").exists() and stamp.is_file() and stamp.read_text() == spec:
         return load_tokenizer(out / "tokenizer")
@@ -174,7 +176,9 @@ def run(cfg: PretrainConfig) -> dict:
     bytes_per_token = None
     if token_bytes is None:
         sample = np.asarray(data.val[:20000])
-        bytes_per_token = len(tokenizer.decode(sample.tolist()).encode("utf-8")) / max(1, len(sample))
+        # special tokens (the EOS between documents) are no text: decoded, "</s>" would count 4 bytes each
+        bytes_per_token = len(tokenizer.decode(sample.tolist(), skip_special_tokens=True).encode("utf-8")) / max(
+            1, len(sample))
 
     # ---- model ---------------------------------------------------------------------------------------------
     if resume_from is not None:
@@ -183,7 +187,10 @@ def run(cfg: PretrainConfig) -> dict:
         model = load_causal_lm(init_path, max_seq_len=cfg.context or None)
     else:
         model = LlamaLM(model_config(cfg, len(tokenizer), tokenizer))
-    context = cfg.context or (model.cfg.max_seq_len if isinstance(model, LlamaLM) else min(1024, model.max_seq_len))
+    # from scratch, the preset's context; a pretrained model's full range (SmolLM2: 8,192) would make a step
+    # of 16 x 8,192 tokens, tens of GB of logits: 1,024 at most unless --context asks for more
+    from_scratch = isinstance(model, LlamaLM) and not cfg.init_from
+    context = cfg.context or (model.cfg.max_seq_len if from_scratch else min(1024, model.max_seq_len))
     context = min(context, model.max_seq_len)
     for name, split in (("training", data.train), ("validation", data.val)):
         if len(split) < context + 2:
