@@ -253,6 +253,22 @@ def test_classifier_page_draws_label_bars(tiny_classifier, browser):
     assert top in status_text(page)  # the status line names the winning label
 
 
+def test_classifier_page_asks_for_the_second_text_of_a_pair_model(tiny_classifier, browser, tmp_path):
+    import shutil
+
+    import yaml
+
+    pair = tmp_path / "pair"
+    shutil.copytree(tiny_classifier, pair)
+    (pair / "lmforge_config.yaml").write_text(yaml.safe_dump(
+        {"task": "classify", "data_fields": {"text": "premise", "text_pair": "hypothesis"}}), encoding="utf-8")
+    with serve(pair) as url:
+        state, page = browser.open_until_settled(f"{url}/?text=A%20man%20sleeps&text_pair=Someone%20rests&autosend=1")
+    assert state == "done", f"state {state!r}; status: {status_text(page)!r}"
+    assert 'id="text-pair-field" hidden' not in page and "hypothesis" in page
+    assert len(re.findall(r'<div class="bar[^"]*" data-label=', page)) == 2
+
+
 def test_chat_page_asks_for_the_api_key(tiny_run, browser):
     """Without the key the page ends in "error" and opens the key field; with it (kept in sessionStorage)
     the prompt from the URL is sent."""

@@ -572,6 +572,33 @@ def test_classify(minilm_tokenizer, tmp_path):
         assert_openai_error(tc.post("/v1/completions", json={"prompt": "x"}), 404)
 
 
+def test_limits_hold_for_bodies_bad_names_and_timed_out_calls(minilm_tokenizer, tmp_path, monkeypatch):
+    from transformers import BertForSequenceClassification
+
+    import lmforge.serve.app as app_module
+
+    path = _bert(BertForSequenceClassification, minilm_tokenizer, tmp_path / "clf", num_labels=2)
+    with TestClient(make_app(path, max_body_bytes=2000, request_timeout=0.3, max_queue=0)) as tc:
+        assert_openai_error(tc.post("/v1/classify", json={"input": "x", "junk": "a" * 5000}), 413)
+        chunks = (part for part in [b'{"input": "x", "junk": "', b"a" * 5000, b'"}'])  # no Content-Length
+        assert_openai_error(tc.post("/v1/classify", content=chunks, headers={"content-type": "application/json"}),
+                            413)
+        # a lone surrogate in the model's name was quoted back and broke the JSON encoder: a 500
+        bad = tc.post("/v1/classify", content=b'{"model": "\\ud800", "input": "x"}',
+                      headers={"content-type": "application/json"})
+        assert_openai_error(bad, 400)
+        # a call that timed out keeps its thread (it cannot be stopped): it stays counted until it ends
+        real = app_module._classify
+        monkeypatch.setattr(app_module, "_classify", lambda *a: (time.sleep(1.0), real(*a))[1])
+        assert_openai_error(tc.post("/v1/classify", json={"input": "slow"}), 504)
+        assert tc.get("/health").json()["in_flight"] == 1
+        assert_openai_error(tc.post("/v1/classify", json={"input": "next"}), 503)
+        monkeypatch.setattr(app_module, "_classify", real)
+        time.sleep(1.0)
+        assert tc.get("/health").json()["in_flight"] == 0
+        assert tc.post("/v1/classify", json={"input": "next"}).status_code == 200
+
+
 def test_embeddings_openai_shape(minilm_tokenizer, tmp_path):
     from transformers import BertModel
 

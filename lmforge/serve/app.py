@@ -26,6 +26,7 @@ import base64
 import hmac
 import json
 import math
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -70,6 +71,9 @@ class APIError(Exception):
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
+    # a message quoting the request (a model name) may hold a lone surrogate, which UTF-8 JSON cannot carry:
+    # escaped, the error is still the 4xx it is, not a 500 from the encoder
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -142,12 +146,55 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+class BodyLimitMiddleware:
+    """413 for a request body above `limit` bytes, by its Content-Length or, sent in chunks without one, as it
+    arrives: unknown fields are ignored but parsed all the same, so without a bound one request can take
+    gigabytes."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def _too_large(self, scope, receive, send) -> None:
+        resp = JSONResponse(error_body(f"request body above this server's limit of {self.limit:,} bytes",
+                                       "invalid_request_error", None, "request_too_large"), status_code=413)
+        await resp(scope, receive, send)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None:
+            if length.isdigit() and int(length) > self.limit:
+                return await self._too_large(scope, receive, send)
+            return await self.app(scope, receive, send)
+        # chunked: read it here, within the limit, then hand it on (FastAPI would turn an error raised from
+        # inside its body reading into a 400)
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await self._too_large(scope, receive, send)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+        await self.app(scope, replay, send)
+
+
+MAX_BODY_BYTES = 64 << 20  # 2,048 texts of 30,000 characters; a long QA context is ~100 KB
+
+
 # ----------------------------------------------------------------------------------------- the app
 
 def create_app(model_path: str | Path, *, model_name: str | None = None, api_key: str | None = None,
                max_batch: int = 8, max_queue: int = 64, request_timeout: float = 300.0,
                max_tokens_limit: int = 4096, cors_origins: list[str] | tuple = (), device: str = "cpu",
-               precision: str = "auto", step_delay: float = 0.0, served: ServedModel | None = None) -> FastAPI:
+               precision: str = "auto", step_delay: float = 0.0, served: ServedModel | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The server for one model. `model_path`: a folder, lmforge output folder, alias or hub id."""
     from lmforge.model.hub import resolve_model
 
@@ -218,7 +265,8 @@ def create_app(model_path: str | Path, *, model_name: str | None = None, api_key
     if served.kind == "seq2seq":
         _add_translate_route(app, state)
 
-    if api_key:
+    app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)
+    if api_key:  # outside the body limit: a request without the key is refused before its body is read
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     if cors_origins:  # added last: outermost, so preflights and 401s carry CORS headers
         from fastapi.middleware.cors import CORSMiddleware
@@ -263,6 +311,9 @@ class State:
                  "kind": s.kind, "endpoints": self.endpoints, "context_length": s.context_length}
         if s.kind == "classifier":
             entry["labels"] = s.labels or []
+            pair = (s.extras.get("data_fields") or {}).get("text_pair")
+            if pair:  # fine-tuned on pairs: /v1/classify needs text_pair too (and the playground shows a field)
+                entry["text_pair"] = pair
         return entry
 
     def check_model(self, requested: str | None) -> None:
@@ -699,19 +750,33 @@ async def _in_thread(state: State, fn, *args):
     if state.in_flight >= state.max_queue + 1:
         raise APIError(503, f"The server is busy ({state.in_flight} requests in flight); retry shortly.", None,
                        "queue_full", headers={"Retry-After": "1"})
+    # A timed-out call cannot be stopped: its thread runs on, holding the model. So it counts as in flight
+    # until it ends (the queue bound then holds: retries of a slow request get 503s, not more hidden work),
+    # and one that had not started when its client gave up does nothing.
+    loop = asyncio.get_running_loop()
+    abandoned = threading.Event()
     state.in_flight += 1
-    try:
-        def locked():
+
+    def ended() -> None:
+        state.in_flight -= 1
+
+    def locked():
+        try:
             with state.served.lock, torch.inference_mode():
-                return fn(*args)
+                return None if abandoned.is_set() else fn(*args)
+        finally:
+            try:
+                loop.call_soon_threadsafe(ended)
+            except RuntimeError:  # the server has shut down meanwhile: nothing left to count
+                pass
+    try:
         with anyio.fail_after(state.timeout):
             return await anyio.to_thread.run_sync(locked, abandon_on_cancel=True)
     except TimeoutError:
+        abandoned.set()
         raise _timeout_error(state) from None
     except LmforgeError as e:
         raise APIError(400, str(e), None, "invalid_value") from None
-    finally:
-        state.in_flight -= 1
 
 
 def _texts(value, param: str = "input") -> list[str]:
@@ -720,6 +785,8 @@ def _texts(value, param: str = "input") -> list[str]:
         raise APIError(400, f"{param}: an empty list", param, "invalid_value")
     if len(texts) > S.MAX_INPUTS:
         raise APIError(400, f"{param}: at most {S.MAX_INPUTS} texts per request", param, "invalid_value")
+    if any(not t.strip() for t in texts):  # as lmforge predict: nothing to classify, embed or translate
+        raise APIError(400, f"{param}: an empty text", param, "invalid_value")
     if any(len(t) > MAX_TEXT_CHARS for t in texts):
         raise APIError(400, f"{param}: a text is longer than {MAX_TEXT_CHARS} characters", param, "invalid_value")
     return texts

@@ -876,7 +876,7 @@ def load_served(path: Path, *, device: str = "cpu", precision: str = "auto", max
 
 
 def _load_causal(path, tokenizer, dev, prec, kind, extras, max_batch, max_queue, step_delay) -> ServedModel:
-    from lmforge.generate.sampling import model_stop_ids
+    from lmforge.generate.sampling import generation_eos, model_stop_ids
     from lmforge.model.causal import HFCausalLM, load_causal_lm
 
     model = load_causal_lm(path).eval()
@@ -885,6 +885,9 @@ def _load_causal(path, tokenizer, dev, prec, kind, extras, max_batch, max_queue,
         model = model.to(torch.bfloat16)
     model = model.to(dev)
     plain_stops = model_stop_ids(tokenizer, path, chat=False)
+    # before the chat set-up below makes the end of turn the tokenizer's EOS: a translator prompted by a
+    # template ends its translations with the EOS it was trained with (and those generation_config names)
+    translator = decoder_prompter(tokenizer, extras, generation_eos(path)) if kind == "seq2seq" else None
     chat_stops = model_stop_ids(tokenizer, path, chat=True)  # sets the chat template up
     max_len = int(model.max_seq_len)
     backend = LlamaBackend(model, max_batch, max_len) if native else HFBackend(model, max_batch, max_len)
@@ -892,14 +895,15 @@ def _load_causal(path, tokenizer, dev, prec, kind, extras, max_batch, max_queue,
     served = ServedModel(kind, path, tokenizer, model, dev, prec, engine=engine, context_length=max_len,
                          extras=extras, stop_ids=frozenset(plain_stops), chat_stop_ids=frozenset(chat_stops),
                          native=native)
-    if kind == "seq2seq":  # a decoder-only model fine-tuned to translate: prompts as it was trained
-        served.translator = decoder_prompter(tokenizer, extras)
+    if translator is not None:  # a decoder-only model fine-tuned to translate: prompts as it was trained
+        served.translator = translator
     engine.start()
     return served
 
 
-def decoder_prompter(tokenizer, extras: dict):
-    """The Prompter a decoder-only translate model was fine-tuned with (from lmforge_config.yaml)."""
+def decoder_prompter(tokenizer, extras: dict, more_stops=()):
+    """The Prompter a decoder-only translate model was fine-tuned with (from lmforge_config.yaml); it stops
+    at its end token and at `more_stops` (the model's generation_config EOS ids, as `lmforge predict` does)."""
     from lmforge.tasks.sft import detect_end_of_turn, end_token_ids
     from lmforge.tasks.translate import Prompter, language_name
 
@@ -914,4 +918,5 @@ def decoder_prompter(tokenizer, extras: dict):
     finetune = extras.get("finetune") or {}
     return Prompter(tokenizer, style, src, tgt, template=template,
                     max_length=int(finetune.get("max_length") or 128),
-                    end_ids=end_token_ids(tokenizer, None, eot), single_line=extras.get("single_line", True))
+                    end_ids=list(dict.fromkeys(end_token_ids(tokenizer, None, eot) + sorted(more_stops))),
+                    single_line=extras.get("single_line", True))

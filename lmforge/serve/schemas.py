@@ -36,7 +36,7 @@ class StreamOptions(_Body):
 
 
 class _Sampling(_Body):
-    model: str | None = Field(None, description="the served model's name (see GET /v1/models); optional")
+    model: Text | None = Field(None, description="the served model's name (see GET /v1/models); optional")
     max_tokens: int | None = Field(None, ge=1, description="tokens to generate at most")
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False, description="0: greedy (default 1)")
     top_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="nucleus sampling (default 1)")
@@ -84,14 +84,14 @@ class ChatCompletionRequest(_Sampling):
 
 
 class ClassifyRequest(_Body):
-    model: str | None = None
+    model: Text | None = None
     input: Text | list[Text] = Field(..., description="a text or a list of texts")
     text_pair: Text | list[Text] | None = Field(None, description="for a classifier fine-tuned on text pairs: "
                                                 "the second text of each input, in the same shape")
 
 
 class EmbeddingsRequest(_Body):
-    model: str | None = None
+    model: Text | None = None
     input: Text | list[Text] | list[int] | list[list[int]] = Field(..., description="a text or a list of texts")
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = Field(None, ge=1, description="keep the first N dimensions (then re-normalised)")
@@ -99,13 +99,13 @@ class EmbeddingsRequest(_Body):
 
 
 class AnswerRequest(_Body):
-    model: str | None = None
+    model: Text | None = None
     question: Text
     context: Text
     max_answer_length: int | None = Field(None, ge=1, le=512)
 
 
 class TranslateRequest(_Body):
-    model: str | None = None
+    model: Text | None = None
     input: Text | list[Text] = Field(..., description="a text or a list of texts")
     max_tokens: int | None = Field(None, ge=1, description="tokens per translation at most")
