@@ -211,6 +211,40 @@ def test_lora_merged_and_adapter(tiny_bert, sentiment, tmp_path):
     assert_user_error(cli("predict", "--model", moved, "--text", "fine"), "is not on this machine", "gone")
 
 
+def test_lora_wrapping_is_the_model_that_is_saved(tiny_bert, tiny_run):
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoTokenizer
+
+    from lmforge.errors import LmforgeError
+    from lmforge.recipes.finetune import FinetuneConfig, _wrap_lora
+    from lmforge.tasks import get_task
+
+    def wrapped(task, model, **kw):
+        cfg = FinetuneConfig(task=task, lora=True, **kw)
+        peft_model = _wrap_lora(cfg, model, get_task(task)(cfg)).eval()
+        torch.manual_seed(0)
+        for n, p in peft_model.named_parameters():  # as if trained
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.05)
+        return peft_model
+
+    # QA on BERT: PEFT's QA wrapper dropped token_type_ids, so training saw another model than DIR/final
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    qa = wrapped("qa", AutoModelForQuestionAnswering.from_pretrained(tiny_bert))
+    batch = tok("Who?", "Bob did it.", return_tensors="pt")
+    with torch.no_grad():
+        merged = copy.deepcopy(qa).merge_and_unload()
+        torch.testing.assert_close(qa(**batch).start_logits, merged(**batch).start_logits, atol=1e-5, rtol=0)
+    # a tied decoder's lm_head is its input embeddings too: merged, an adapter there changed both
+    with pytest.raises(LmforgeError, match="ties its input and output embeddings"):
+        wrapped("sft", AutoModelForCausalLM.from_pretrained(tiny_run.final), lora_targets=["q_proj", "lm_head"])
+    # a mistyped target is named, not dropped
+    with pytest.raises(LmforgeError, match="v_prj is not a module.*did you mean 'v_proj'"):
+        wrapped("sft", AutoModelForCausalLM.from_pretrained(tiny_run.final), lora_targets=["q_proj", "v_prj"])
+    wrapped("sft", AutoModelForCausalLM.from_pretrained(tiny_run.final), lora_targets=["model.layers.0.self_attn.k_proj"])
+
+
 def test_resume_matches_uninterrupted(tiny_bert, sentiment, tmp_path):
     train, val = sentiment
     common = ["--task", "classify", "--model", tiny_bert, "--train", train, "--validation", val, "--batch-size", "4",

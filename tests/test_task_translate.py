@@ -98,10 +98,15 @@ def test_language_names():
     assert language_name("spanish", "?") == "Spanish" and language_name(None, "the target") == "the target"
 
 
-def test_chinese_targets_score_with_the_chinese_bleu_tokenizer_in_any_spelling():
+def test_targets_written_without_spaces_score_bleu_with_a_tokenizer_that_splits_them():
     # a region-tagged field name (zh-CN) reached metrics.json as 'zh-cn' and was scored with 13a
     assert [bleu_tokenize(c) for c in ("zh", "zh-cn", "zh-CN", "zh_Hans", "Chinese")] == ["zh"] * 5
-    assert [bleu_tokenize(c) for c in ("es", "en-US", None)] == [None] * 3
+    assert [bleu_tokenize(c) for c in ("es", "en-US", "ko", None)] == [None] * 4
+    assert bleu_tokenize("th") == "char" and bleu_tokenize("ja-JP") in ("char", "ja-mecab")
+    from lmforge.evaluate.task_metrics import translation_metrics
+
+    refs, hyps = ["私は毎朝コーヒーを飲みます。"], ["私は毎朝コーヒーを飲む。"]  # 13a: one "word" each, BLEU 0
+    assert translation_metrics(hyps, refs, tokenize=bleu_tokenize("ja"))["bleu"] > 30
 
 
 def test_t5_features_evaluate_and_overfit(tok_dir, data_file, tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import yaml
 
 from lmforge import config as C
 from lmforge.config import opt
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, closest
 
 TASK_NAMES = ["classify", "qa", "sft", "translate"]
 
@@ -250,17 +251,37 @@ def _wrap_lora(cfg: FinetuneConfig, model, task):
     if not targets:
         raise LmforgeError(f"no default LoRA targets for model type '{mtype}'; name them with --lora-targets "
                            f"(module names such as q_proj v_proj)")
-    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    targets = [t for t in targets if t in present]
+    names = [n for n, _ in model.named_modules()]
+
+    def present(t: str) -> bool:  # PEFT's own rule: a module's last name, or a dotted suffix of its full name
+        return any(n == t or n.endswith("." + t) for n in names)
+    if cfg.lora_targets:  # named by the user: a typo must not quietly train fewer layers
+        missing = [t for t in targets if not present(t)]
+        if missing:
+            last = sorted({n.rsplit(".", 1)[-1] for n in names if n})
+            raise LmforgeError(f"--lora-targets: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not a "
+                               f"module of this {mtype} model{closest(missing[0], last)}")
+    targets = [t for t in targets if present(t)]  # the defaults cover variants (T5's wi, or wi_0 and wi_1)
     if not targets:
-        raise LmforgeError(f"--lora-targets: none of {cfg.lora_targets or LORA_TARGETS.get(mtype)} are modules "
-                           f"of this {mtype} model")
+        raise LmforgeError(f"--lora-targets: none of {LORA_TARGETS.get(mtype)} are modules of this {mtype} model")
+    tied = [t for t in targets if t in ("lm_head", "embed_tokens", "wte")]
+    if tied and getattr(model.config, "tie_word_embeddings", False):
+        # merged, an adapted lm_head moves the input embeddings too (they are one matrix), so DIR/final would
+        # not be the model that was trained; PEFT's ensure_weight_tying cannot be deep-copied for merging
+        raise LmforgeError(f"--lora-targets {' '.join(tied)}: this model ties its input and output embeddings, "
+                           f"which a merged adapter would change together; adapt the other modules")
     lcfg = LoraConfig(task_type=getattr(TaskType, task.peft_task_type), r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                       lora_dropout=cfg.lora_dropout, target_modules=targets)
     import warnings
     with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_checkpointing: not the user's
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, lcfg)
+        peft_model = get_peft_model(model, lcfg)
+    if task.peft_task_type == "QUESTION_ANS":
+        # PEFT's QA wrapper drops token_type_ids (peft 0.21): BERT would train and be scored with every
+        # segment id 0, while DIR/final, merged or as an adapter, reads them. Its LoRA layers sit in the base
+        # model, so calling that is the same model with every input passed on.
+        peft_model.forward = types.MethodType(lambda self, *a, **kw: self.base_model(*a, **kw), peft_model)
+    return peft_model
 
 
 def _trainable_state(model) -> dict:
@@ -602,8 +623,10 @@ def run(cfg: FinetuneConfig) -> dict:
                     value = res.metrics.get(task.metric)
                     if value is not None and not math.isfinite(value):
                         value = None  # undefined (Pearson on a constant set): every comparison with NaN is False
+                    # a tie goes to the later, longer-trained checkpoint: with BLEU 0 at every evaluation
+                    # (short references, no 4-gram yet) the untrained first one was kept as DIR/final
                     improved = value is not None and (best["value"] is None or (
-                        value > best["value"] if task.greater_is_better else value < best["value"]))
+                        value >= best["value"] if task.greater_is_better else value <= best["value"]))
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 3),
                            **{f"val_{k}": v for k, v in res.metrics.items() if isinstance(v, (int, float))}}
                     history.append(row)

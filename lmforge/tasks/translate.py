@@ -68,9 +68,18 @@ def _lang_code(name_or_code: str | None) -> str | None:
 
 
 def bleu_tokenize(target_code: str | None) -> str | None:
-    """sacrebleu's tokenizer for a target language: 'zh' for Chinese in any spelling (zh, zh-CN, zh_Hans), which
-    13a would read as one word per sentence; None (13a) otherwise."""
-    return "zh" if _lang_code(target_code) == "zh" else None
+    """sacrebleu's tokenizer for a target language, in any spelling (zh, zh-CN, zh_Hans): languages written
+    without spaces would be one word per sentence to 13a, and BLEU 0 for every translation. Chinese: 'zh';
+    Japanese: 'ja-mecab' where MeCab is installed, else characters; Thai and Lao: characters. None (13a)
+    otherwise."""
+    code = _lang_code(target_code)
+    if code == "zh":
+        return "zh"
+    if code == "ja":
+        import importlib.util
+
+        return "ja-mecab" if importlib.util.find_spec("MeCab") and importlib.util.find_spec("ipadic") else "char"
+    return "char" if code in ("th", "lo") else None
 
 
 def read_model_config(path) -> dict | None:
