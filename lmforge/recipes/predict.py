@@ -29,8 +29,9 @@ class PredictConfig:
     context: str = opt("", "qa: the passage to find the answer in")
     input: str | None = opt(None, "a data file (.jsonl/.csv/...) whose rows to predict")
     field: list[str] = opt([], "with --input: field names as ROLE=NAME, e.g. text=review (default: as trained)")
-    max_new_tokens: int = opt(256, "translate/sft: tokens to generate at most", ge=1)
-    num_beams: int = opt(1, "translate/sft: beam width (1: greedy)", ge=1)
+    max_new_tokens: int = opt(0, "translate/sft: tokens to generate at most (0: as fine-tuned, as evaluate and "
+                                 "serve do)", ge=0)
+    num_beams: int = opt(0, "translate/sft: beam width (0: as fine-tuned; 1: greedy)", ge=0)
     batch_size: int = opt(16, "inputs per batch", ge=1)
 
 
@@ -102,9 +103,8 @@ def run(cfg: PredictConfig) -> int:
     if task is None:
         raise LmforgeError(f"{path}: not made by 'lmforge finetune'; say what it is with --task")
     with torch.no_grad():
-        t, model, tokenizer, extras = load_for_task(path, task, {"num_beams": cfg.num_beams,
-                                                                 "max_new_tokens": cfg.max_new_tokens,
-                                                                 **field_overrides(cfg.field)})
+        given = {k: v for k, v in (("num_beams", cfg.num_beams), ("max_new_tokens", cfg.max_new_tokens)) if v}
+        t, model, tokenizer, extras = load_for_task(path, task, {**given, **field_overrides(cfg.field)})
         rows = _rows(cfg, task, t, extras)
         for row, result in zip(rows, predict_rows(task, t, model, tokenizer, extras, rows, cfg)):
             print(json.dumps(result, ensure_ascii=False), flush=True)
@@ -142,6 +142,6 @@ def predict_rows(task: str, t, model, tokenizer, extras: dict, rows: list[dict],
     for r in rows:
         messages = r.get("messages") or [{"role": "user", "content": r.get("text") or r.get("prompt")}]
         conversations.append(messages[:-1] if messages[-1]["role"] == "assistant" else messages)
-    replies = generate_replies(model, tokenizer, conversations, max_new_tokens=cfg.max_new_tokens,
-                               num_beams=cfg.num_beams, batch_size=cfg.batch_size)
+    replies = generate_replies(model, tokenizer, conversations, max_new_tokens=t.cfg.max_new_tokens,
+                               num_beams=t.cfg.num_beams, batch_size=cfg.batch_size)
     return [{"prompt": m[-1]["content"], "reply": reply} for m, reply in zip(conversations, replies)]

@@ -940,7 +940,10 @@ async def _translate_with_engine(state: State, request: Request, texts: list[str
     prompter = s.translator
     prompts = await anyio.to_thread.run_sync(lambda: [prompter.prompt_ids(t) or [0] for t in texts])
     ctx = s.context_length
-    prompts = [p[-(ctx - 1):] for p in prompts]
+    if any(len(p) >= ctx for p in prompts):
+        # cut from the left, the prompt would lose its instruction and the model translate nothing it knows
+        raise APIError(400, f"input: a text whose prompt fills this model's {ctx}-token context: no room to "
+                            f"translate it", "input", "context_length_exceeded")
     params = [SamplingParams(max_tokens=max(1, min(max_new, ctx - len(p))), temperature=0.0,
                              stop_ids=frozenset(prompter.end_ids)) for p in prompts]
     run = _Run(state, prompts, params)
