@@ -90,9 +90,11 @@ def test_chat_eof_ends_cleanly(tiny_run):
 
 
 def test_chat_ctrl_c_at_the_prompt_exits_zero(tiny_run):
+    # A job started in the background (`cmd &`, nohup, some CI runners) inherits SIGINT ignored, and Python
+    # then installs no KeyboardInterrupt handler: the child would ignore the Ctrl-C this test sends
     proc = subprocess.Popen([sys.executable, "-m", "lmforge", "chat", "--model", str(tiny_run.final)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
-                            env=dict(os.environ))
+                            env=dict(os.environ), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     prompt_shown = threading.Event()
 
