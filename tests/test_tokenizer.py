@@ -122,6 +122,18 @@ def test_token_byte_lengths_match_utf8(both_tokenizers):
     assert lengths[tok.eos_token_id] == 0
 
 
+def test_mean_token_bytes_counts_no_bytes_for_the_eos_between_documents(both_tokenizers):
+    """The fallback for tokenizers token_byte_lengths cannot measure: decoded with its special tokens, each
+    EOS between documents counted as the bytes of its name ("</s>")."""
+    from lmforge.tokenizer.bpe import mean_token_bytes
+
+    tok = both_tokenizers["lmforge"]
+    a, b = tok.encode("To be, or not to be"), tok.encode("that is the question")
+    ids = a + [tok.eos_token_id] + b + [tok.eos_token_id]
+    text_bytes = len("To be, or not to be".encode()) + len("that is the question".encode())
+    assert mean_token_bytes(tok, ids) == pytest.approx(text_bytes / len(ids))
+
+
 def test_vocab_size_too_small(tmp_path, mixed_corpus_file):
     res = cli("tokenizer", "train", "--data", mixed_corpus_file, "--vocab-size", "100", "--out", tmp_path / "t")
     assert_user_error(res, "--vocab-size 100 is too small")

@@ -66,7 +66,7 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
         return float("nan")
     a, b = a - a.mean(), b - b.mean()
     denom = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denom) if denom > 0 else float("nan")  # a constant side has no correlation
+    return float((a * b).sum() / denom) if denom > 0 else float("nan")  # values so small their squares underflow
 
 
 def regression_metrics(y_true: list, y_pred: list) -> dict:

@@ -75,7 +75,7 @@ def run(cfg: EvaluateConfig) -> int:
     from lmforge.evaluate.lm import evaluate_tokens
     from lmforge.model.causal import load_causal_lm
     from lmforge.model.hub import resolve_model
-    from lmforge.tokenizer.bpe import load_tokenizer, token_byte_lengths
+    from lmforge.tokenizer.bpe import load_tokenizer, mean_token_bytes, token_byte_lengths
     from lmforge.train.common import resolve_precision
 
     if not cfg.model:
@@ -92,11 +92,7 @@ def run(cfg: EvaluateConfig) -> int:
     tokens = data.val if cfg.split == "val" else np.concatenate([data.train, data.val])
     context = min(cfg.context or 1024, model.max_seq_len)
     token_bytes = token_byte_lengths(tokenizer)
-    bpt = None
-    if token_bytes is None:
-        sample = np.asarray(tokens[:20000])
-        # special tokens (the EOS between documents) are no text (see pretrain)
-        bpt = len(tokenizer.decode(sample.tolist(), skip_special_tokens=True).encode("utf-8")) / max(1, len(sample))
+    bpt = mean_token_bytes(tokenizer, tokens) if token_bytes is None else None
     device = torch.device("cpu")
     result = evaluate_tokens(model, tokens, context, token_bytes, bpt, batch_size=cfg.batch_size,
                              max_tokens=cfg.max_tokens or None, precision=resolve_precision(cfg.precision, device))

@@ -128,7 +128,7 @@ def run(cfg: PretrainConfig) -> dict:
     from lmforge.model.causal import load_causal_lm
     from lmforge.model.hub import resolve_model
     from lmforge.model.llama import LlamaLM
-    from lmforge.tokenizer.bpe import load_tokenizer, token_byte_lengths
+    from lmforge.tokenizer.bpe import load_tokenizer, mean_token_bytes, token_byte_lengths
     from lmforge.train import checkpoint as ckpt
     from lmforge.train.common import (MetricsLog, StopOnSignal, autocast, build_optimizer, format_duration,
                                       full_state, grad_scaler, load_optimizer_state, resolve_precision,
@@ -173,12 +173,7 @@ def run(cfg: PretrainConfig) -> dict:
     if rt.distributed and rt.is_main:
         torch.distributed.barrier()
     token_bytes = token_byte_lengths(tokenizer)
-    bytes_per_token = None
-    if token_bytes is None:
-        sample = np.asarray(data.val[:20000])
-        # special tokens (the EOS between documents) are no text: decoded, "</s>" would count 4 bytes each
-        bytes_per_token = len(tokenizer.decode(sample.tolist(), skip_special_tokens=True).encode("utf-8")) / max(
-            1, len(sample))
+    bytes_per_token = mean_token_bytes(tokenizer, data.val) if token_bytes is None else None
 
     # ---- model ---------------------------------------------------------------------------------------------
     if resume_from is not None:
@@ -216,8 +211,8 @@ def run(cfg: PretrainConfig) -> dict:
             model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     # resumed, "auto" keeps the run's choice: on a resume cfg.max_steps is the fitted count, which could
     # switch compilation on, and compiled steps round differently from the eager ones being continued
-    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and saved.get(
-        "compiled", compile_pays_off(cfg, rt.device) if resume_from is None else False))
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and (
+        saved.get("compiled", False) if resume_from is not None else compile_pays_off(cfg, rt.device)))
     if use_compile:
         train_model = torch.compile(train_model)
 

@@ -115,3 +115,10 @@ def token_byte_lengths(tokenizer) -> np.ndarray | None:
             return None
         lengths[idx] = len(tok)
     return lengths
+
+
+def mean_token_bytes(tokenizer, tokens) -> float:
+    """Bytes of text per token over `tokens` (a sample), for tokenizers token_byte_lengths cannot measure
+    exactly. Special tokens (the EOS between documents) are no text: decoded, each "</s>" would count 4."""
+    sample = np.asarray(tokens[:20000]).tolist()
+    return len(tokenizer.decode(sample, skip_special_tokens=True).encode("utf-8")) / max(1, len(sample))
