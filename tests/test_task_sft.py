@@ -61,6 +61,10 @@ def _labelled(tokenizer, feat) -> str:
     return tokenizer.decode([t for t in feat["labels"] if t != -100])
 
 
+def _unlabelled(tokenizer, feat) -> str:
+    return tokenizer.decode([t for t, lab in zip(feat["input_ids"], feat["labels"]) if lab == -100])
+
+
 def _chat(user, reply):
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}
 
@@ -89,7 +93,7 @@ def test_multi_turn_masks_every_assistant_turn_and_nothing_else(tok_dir):
     task, loaded = _task(tok, [{"messages": msgs}])
     (f,) = task.features(loaded, train=True)
     assert _labelled(tok, f) == "Hello, how are you?<|im_end|>Why did the chicken cross the road?<|im_end|>"
-    unlabelled = tok.decode([t for t, lab in zip(f["input_ids"], f["labels"]) if lab == -100])
+    unlabelled = _unlabelled(tok, f)
     assert "Be brief." in unlabelled and "Tell me a joke." in unlabelled and "Hello world" in unlabelled
     assert "chicken" not in unlabelled
 
@@ -351,7 +355,7 @@ def test_a_reply_also_written_in_the_user_turn_is_labelled_where_the_reply_is(to
     task, loaded = _task(tok, [{"messages": msgs}])
     (f,) = task.features(loaded, train=True)
     assert _labelled(tok, f) == " yes<|endoftext|> no<|endoftext|>"
-    unlabelled = tok.decode([t for t, lab in zip(f["input_ids"], f["labels"]) if lab == -100])
+    unlabelled = _unlabelled(tok, f)
     assert "Answer yes or no." in unlabelled and "Say no or yes." in unlabelled
 
 
