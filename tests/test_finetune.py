@@ -245,6 +245,20 @@ def test_lora_wrapping_is_the_model_that_is_saved(tiny_bert, tiny_run):
     wrapped("sft", AutoModelForCausalLM.from_pretrained(tiny_run.final), lora_targets=["model.layers.0.self_attn.k_proj"])
 
 
+def test_keep_checkpoints_keeps_the_newest_and_the_best(tiny_bert, sentiment, tmp_path):
+    train, val = sentiment
+    out = tmp_path / "run"
+    res = cli("finetune", "--task", "classify", "--model", tiny_bert, "--train", train, "--validation", val,
+              "--batch-size", "4", "--epochs", "1", "--evals-per-epoch", "4", "--keep-checkpoints", "2",
+              "--no-progress", "--precision", "fp32", "--out", out)
+    assert res.code == 0, res.err
+    evaluated = [r["step"] for r in metrics_rows(out) if "val_accuracy" in r]
+    assert len(evaluated) >= 4
+    best = json.loads((out / "metrics.json").read_text())["best_step"]
+    kept = sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step-*"))
+    assert kept == sorted(set(evaluated[-2:]) | {best})
+
+
 def test_resume_matches_uninterrupted(tiny_bert, sentiment, tmp_path):
     train, val = sentiment
     common = ["--task", "classify", "--model", tiny_bert, "--train", train, "--validation", val, "--batch-size", "4",

@@ -69,6 +69,7 @@ class FinetuneConfig:
     gradient_checkpointing: bool = opt(False, "recompute activations in backward: less memory, ~30% slower")
     group_by_length: bool = opt(True, "batch examples of similar length (much less padding)")
     evals_per_epoch: int = opt(1, "evaluations on the validation set per epoch", ge=1)
+    keep_checkpoints: int = opt(1, "how many recent checkpoints to keep, besides the best one", ge=1)
     max_train_examples: int = opt(0, "use at most this many training examples (0: all)", ge=0)
     max_eval_examples: int = opt(0, "score at most this many validation/test examples (0: all)", ge=0)
     seed: int = opt(42, "random seed")
@@ -538,7 +539,8 @@ def run(cfg: FinetuneConfig) -> dict:
             save_file({n: t.contiguous().cpu() for n, t in _trainable_state(source).items()},
                       str(folder / "lmforge_state" / "trainable.safetensors"))
         protect = (best["checkpoint"],) if best["checkpoint"] else ()
-        last_save[1] = ckpt.save_checkpoint(out, step, write, state, config_yaml, keep=1, protect=protect)
+        last_save[1] = ckpt.save_checkpoint(out, step, write, state, config_yaml, keep=cfg.keep_checkpoints,
+                                            protect=protect)
         return last_save[1]
 
     wall0, eval_seconds = time.time(), []  # the --max-minutes budget counts evaluations too, this one included
