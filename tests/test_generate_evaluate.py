@@ -16,6 +16,18 @@ def generate(model, *extra) -> str:
     return res.out
 
 
+def test_a_tiny_temperature_samples_the_top_token():
+    import torch
+
+    from lmforge.generate.sampling import sample_next
+
+    logits = torch.tensor([[0.5, 3.0, -1.0, float("-inf")], [2.0, 1.0, 2.5, 0.0]])
+    for t in (1e-40, 1e-300):  # logits / t overflowed to inf: multinomial then raised on NaN probabilities
+        assert sample_next(logits, temperature=t, top_p=0.9).tolist() == [1, 2]
+    torch.manual_seed(0)
+    assert set(sample_next(torch.zeros(400, 3), temperature=1.0).tolist()) == {0, 1, 2}
+
+
 def test_generate_continues_the_prompt(tiny_run):
     text = generate(tiny_run.final, "--seed", "0")
     assert text.startswith("ROMEO:")

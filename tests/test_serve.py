@@ -639,6 +639,26 @@ def test_answer(minilm_tokenizer, tmp_path):
         assert_openai_error(tc.post("/v1/answer", json={"question": "q"}), 400)
 
 
+def test_an_eos_the_tokenizer_appends_is_dropped_from_a_prompt(tiny_run, tmp_path):
+    """Even once the chat set-up has made the end of turn the tokenizer's eos_token."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "appends-eos"
+    shutil.copytree(tiny_run.final, folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    eos = tok.eos_token
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single=f"$A {eos}",
+                                                                  special_tokens=[(eos, tok.eos_token_id)])
+    tok.save_pretrained(folder)
+    plain = AutoTokenizer.from_pretrained(folder)("ROMEO:")["input_ids"]
+    assert plain[-1] == tok.eos_token_id
+    with TestClient(make_app(folder)) as tc:
+        r = tc.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 1, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == len(plain) - 1
+
+
 def test_translate_seq2seq_and_decoder_only(tiny_run, tmp_path):
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
@@ -668,3 +688,23 @@ def test_translate_seq2seq_and_decoder_only(tiny_run, tmp_path):
         assert r.status_code == 200, r.text
         assert isinstance(r.json()["data"][0]["translation"], str)
         assert tc.get("/health").json()["engine"]["requests"] == 1
+    # fine-tuned with beam search: served with it, as predict and evaluate run it (the engine is greedy)
+    from lmforge.tasks.translate import translate
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)  # random weights: a tiny trained model ends every translation at once, beams or not
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, max_position_embeddings=128)).save_pretrained(dec)
+    (dec / "lmforge_config.yaml").write_text("task: translate\nsource_lang: en\ntarget_lang: es\n"
+                                             "single_line: false\nfinetune: {num_beams: 4, max_new_tokens: 6}\n")
+    texts = ["In the beginning", "God created", "the heaven and the earth"]
+    model, tok = AutoModelForCausalLM.from_pretrained(dec), AutoTokenizer.from_pretrained(dec)
+    kw = dict(source_lang="en", target_lang="es", max_new_tokens=6, single_line=False)
+    beam, greedy = translate(model, tok, texts, num_beams=4, **kw), translate(model, tok, texts, **kw)
+    assert beam != greedy  # else the check below could not tell them apart
+    with TestClient(make_app(dec)) as tc:
+        r = tc.post("/v1/translate", json={"input": texts})
+        assert r.status_code == 200, r.text
+        assert [d["translation"] for d in r.json()["data"]] == beam
+        assert tc.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                     "max_tokens": 3}).status_code == 200

@@ -29,9 +29,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,)."""
     logits = logits.float()
-    if temperature <= 0:
+    if temperature < torch.finfo(logits.dtype).tiny:  # 0, or so small that it is greedy (and 0 in float32)
         return logits.argmax(-1)
-    logits = filter_logits(logits / temperature, top_k, top_p)
+    # shifted so that the top logit is 0: a tiny temperature then sends the others to -inf, never to inf/NaN
+    logits = filter_logits((logits - logits.amax(-1, keepdim=True)) / temperature, top_k, top_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 

@@ -446,9 +446,12 @@ def _encode_prompt(state: State, text: str) -> list[int]:
         start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         return [start if start is not None else 0]
     ids = list(tok(text)["input_ids"])  # BOS where the tokenizer is configured to add one
-    eos = tok.eos_token_id
-    if len(ids) > 1 and eos is not None and ids[-1] == eos and eos != tok.bos_token_id:
-        ids = ids[:-1]  # a tokenizer that appends EOS would end the text before it starts
+    # a tokenizer that appends EOS would end the text before it starts. Asked of the tokenizer itself: the
+    # chat set-up may have made the end of turn its eos_token, which is not what its post-processor appends
+    probe, bare = tok("a")["input_ids"], tok("a", add_special_tokens=False)["input_ids"]
+    appended = probe[-1] if probe and bare and probe[-1] != bare[-1] else None
+    if len(ids) > 1 and appended is not None and ids[-1] == appended:
+        ids = ids[:-1]
     return ids or [tok.eos_token_id or 0]
 
 
@@ -915,7 +918,13 @@ def _add_translate_route(app: FastAPI, state: State) -> None:
         if max_new > state.max_tokens_limit:
             raise APIError(400, f"max_tokens: {max_new} is above this server's limit of {state.max_tokens_limit}",
                            "max_tokens", "invalid_value")
-        if s.translator is not None:
+        beams = int(finetune.get("num_beams") or 1)
+        if s.translator is not None and beams > 1:
+            # the batching engine decodes greedily; a model fine-tuned (and scored) with beam search is
+            # served with it too, as predict and evaluate run it
+            prompts = await anyio.to_thread.run_sync(_translator_prompts, state, texts)
+            out = await _in_thread(state, _translate_beams, state, prompts, max_new, beams)
+        elif s.translator is not None:
             out = await _translate_with_engine(state, request, texts, max_new)
         else:
             out = await _in_thread(state, _translate_seq2seq, state, texts, max_new)
@@ -935,15 +944,31 @@ def _translate_seq2seq(state: State, texts: list[str], max_new: int) -> list[str
                      max_new_tokens=max_new, max_length=int(finetune.get("max_length") or 128))
 
 
+def _translator_prompts(state: State, texts: list[str]) -> list[list[int]]:
+    """A decoder-only translator's prompt ids; one that leaves no room to translate is refused (cut from the
+    left, the prompt would lose its instruction and the model translate nothing it knows)."""
+    prompts = [state.served.translator.prompt_ids(t) or [0] for t in texts]
+    ctx = state.served.context_length
+    if any(len(p) >= ctx for p in prompts):
+        raise APIError(400, f"input: a text whose prompt fills this model's {ctx}-token context: no room to "
+                            f"translate it", "input", "context_length_exceeded")
+    return prompts
+
+
+def _translate_beams(state: State, prompts: list[list[int]], max_new: int, beams: int) -> list[str]:
+    from lmforge.tasks.sft import generate_batch
+
+    s, prompter = state.served, state.served.translator
+    room = s.context_length - max(len(p) for p in prompts)
+    outs = generate_batch(s.model.hf, prompter.tok, prompts, prompter.end_ids, max(1, min(max_new, room)), beams)
+    return [prompter.clean(prompter.tok.decode(o, skip_special_tokens=True)) for o in outs]
+
+
 async def _translate_with_engine(state: State, request: Request, texts: list[str], max_new: int) -> list[str]:
     s = state.served
     prompter = s.translator
-    prompts = await anyio.to_thread.run_sync(lambda: [prompter.prompt_ids(t) or [0] for t in texts])
+    prompts = await anyio.to_thread.run_sync(_translator_prompts, state, texts)
     ctx = s.context_length
-    if any(len(p) >= ctx for p in prompts):
-        # cut from the left, the prompt would lose its instruction and the model translate nothing it knows
-        raise APIError(400, f"input: a text whose prompt fills this model's {ctx}-token context: no room to "
-                            f"translate it", "input", "context_length_exceeded")
     params = [SamplingParams(max_tokens=max(1, min(max_new, ctx - len(p))), temperature=0.0,
                              stop_ids=frozenset(prompter.end_ids)) for p in prompts]
     run = _Run(state, prompts, params)

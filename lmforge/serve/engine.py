@@ -690,7 +690,7 @@ def sample_rows(seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
             ok = ids < row.shape[0]
             row[ids[ok]] -= p.frequency_penalty * cnt[ok] + p.presence_penalty
         row = torch.nan_to_num(row, nan=-1e30, posinf=1e30, neginf=-1e30)
-        if p.temperature <= 0 or p.top_p <= 0:
+        if p.temperature < torch.finfo(row.dtype).tiny or p.top_p <= 0:  # greedy (a tiny one is 0 in float32)
             out[i] = int(row.argmax())
             continue
         row = row / p.temperature
@@ -879,7 +879,10 @@ def _load_causal(path, tokenizer, dev, prec, kind, extras, max_batch, max_queue,
     from lmforge.generate.sampling import generation_eos, model_stop_ids
     from lmforge.model.causal import HFCausalLM, load_causal_lm
 
-    model = load_causal_lm(path).eval()
+    # a decoder-only translator fine-tuned with beam search is served with it (as predict and evaluate run
+    # it), which needs transformers' generate: it is loaded as a transformers model, not the native one
+    beams = kind == "seq2seq" and int((extras.get("finetune") or {}).get("num_beams") or 1) > 1
+    model = load_causal_lm(path, native=not beams).eval()
     native = not isinstance(model, HFCausalLM)
     if prec == "bf16":
         model = model.to(torch.bfloat16)
