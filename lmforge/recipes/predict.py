@@ -59,6 +59,10 @@ def _rows(cfg: PredictConfig, task: str, t, extras: dict) -> list[dict]:
             # scoring the first text alone would give confident, meaningless labels
             raise LmforgeError(f"this classifier was fine-tuned on text pairs (second text: '{pair_field}'); "
                                f"give a --text-pair for each --text")
+        from lmforge.tasks.classify import single_texts
+
+        if cfg.text_pair and single_texts(extras):
+            raise LmforgeError("--text-pair: this classifier was fine-tuned on single texts, not pairs")
         if cfg.text_pair and len(cfg.text_pair) != len(cfg.text):
             raise LmforgeError(f"{len(cfg.text)} --text but {len(cfg.text_pair)} --text-pair: give one pair per text")
         if cfg.text_pair:

@@ -156,22 +156,19 @@ def run(cfg: PretrainConfig) -> dict:
 
     # ---- data and tokenizer -------------------------------------------------------------------------------
     sources = resolve_sources(cfg.data)
-    if rt.distributed and not rt.is_main:
-        torch.distributed.barrier()  # rank 0 converts models, trains the tokenizer and fills the token cache first
-    # resumed, model and tokenizer come from the checkpoint: the --init-from model need not be at hand any more
-    init_path = resolve_model(cfg.init_from) if cfg.init_from and resume_from is None else None
-    if resume_from is not None:
-        tokenizer = load_tokenizer(resume_from)
-    elif init_path is not None:
-        tokenizer = load_tokenizer(init_path)
-    else:
-        tokenizer = prepare_tokenizer(cfg, out, sources)
-    if tokenizer.eos_token_id is None:
-        raise LmforgeError("the tokenizer has no EOS token: documents could not be separated")
-    data = tokenize_corpus(sources, tokenizer, text_field=cfg.text_field, val_fraction=cfg.val_fraction,
-                           show_progress=cfg.progress and rt.is_main)
-    if rt.distributed and rt.is_main:
-        torch.distributed.barrier()
+    with rt.main_first():  # rank 0 converts models, trains the tokenizer and fills the token cache first
+        # resumed, model and tokenizer come from the checkpoint: the --init-from model need not be at hand any more
+        init_path = resolve_model(cfg.init_from) if cfg.init_from and resume_from is None else None
+        if resume_from is not None:
+            tokenizer = load_tokenizer(resume_from)
+        elif init_path is not None:
+            tokenizer = load_tokenizer(init_path)
+        else:
+            tokenizer = prepare_tokenizer(cfg, out, sources)
+        if tokenizer.eos_token_id is None:
+            raise LmforgeError("the tokenizer has no EOS token: documents could not be separated")
+        data = tokenize_corpus(sources, tokenizer, text_field=cfg.text_field, val_fraction=cfg.val_fraction,
+                               show_progress=cfg.progress and rt.is_main)
     token_bytes = token_byte_lengths(tokenizer)
     bytes_per_token = mean_token_bytes(tokenizer, data.val) if token_bytes is None else None
 
@@ -243,10 +240,12 @@ def run(cfg: PretrainConfig) -> dict:
 
     # ---- the step budget -------------------------------------------------------------------------------------
     start_step, max_steps, per_step = 0, cfg.max_steps, None
+    tokens_before = 0  # trained on by earlier invocations (a resumed run may have had other processes)
     if resume_from is not None:
         start_step = saved["step"]
         max_steps = saved["max_steps"]
         world = saved.get("world_size", rt.world_size)
+        tokens_before = saved.get("tokens_seen", start_step * tokens_per_step // rt.world_size * world)
         if world != rt.world_size:  # the schedule is in steps; a step's tokens scale with the processes
             print(f"note: the run was trained by {world} process(es), this is {rt.world_size}: each remaining step "
                   f"sees {rt.world_size}/{world} of the tokens a step saw before", flush=True)
@@ -300,6 +299,7 @@ def run(cfg: PretrainConfig) -> dict:
             return None
         state = {"optimizer": optim_state if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": rngs, "step": step, "max_steps": max_steps, "world_size": rt.world_size,
+                 "tokens_seen": tokens_before + (step - start_step) * tokens_per_step,
                  "grad_scaler": scaler.state_dict(), "compiled": use_compile,
                  "data_position": {"step": step, "seed": cfg.seed}}
         def write(folder: Path):
@@ -354,7 +354,9 @@ def run(cfg: PretrainConfig) -> dict:
         step = start_step
         last_eval, stopped_early = None, False
         while step < max_steps:
-            loss = train_step(step)
+            # the mean over ranks (each holds the loss of its own batches): logged, and checked on every rank
+            # alike, so that a NaN on one of them stops them all instead of leaving the others waiting
+            loss = rt.agree([train_step(step)], "sum")[0] / rt.world_size
             step += 1
             window_tokens += tokens_per_step
             if not math.isfinite(loss):
@@ -424,7 +426,7 @@ def run(cfg: PretrainConfig) -> dict:
         tps = [r["tokens_per_s"] for r in rows[1:]] or [r["tokens_per_s"] for r in rows]
         summary = {
             "steps": step, "parameters": n_params, "context": context, "tokens_per_step": tokens_per_step,
-            "tokens_seen": step * tokens_per_step, "precision": precision,
+            "tokens_seen": tokens_before + (step - start_step) * tokens_per_step, "precision": precision,
             "train_seconds_this_invocation": round(train_seconds, 1),
             "median_tokens_per_s": float(np.median(tps)) if tps else None,
             "final_train_loss": next((r["loss"] for r in reversed(rows)), None),

@@ -810,6 +810,11 @@ def _add_classify_route(app: FastAPI, state: State) -> None:
             # the first text alone would get a confident, meaningless label
             raise APIError(400, f"text_pair: required, this classifier was fine-tuned on text pairs (second "
                                 f"text: '{pair_field}')", "text_pair", "invalid_value")
+        from lmforge.tasks.classify import single_texts
+
+        if pairs is not None and single_texts(state.served.extras):
+            raise APIError(400, "text_pair: this classifier was fine-tuned on single texts, not pairs", "text_pair",
+                           "invalid_value")
         if pairs is not None and len(pairs) != len(texts):
             raise APIError(400, f"text_pair: {len(pairs)} texts for {len(texts)} inputs", "text_pair",
                            "invalid_value")

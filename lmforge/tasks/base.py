@@ -71,6 +71,11 @@ class Task:
         """The mean training loss of one collated batch (the model's own loss unless a task knows better)."""
         return model(**batch).loss
 
+    def loss_items(self, batch: dict[str, torch.Tensor]) -> int:
+        """What loss() averages over in `batch`: its examples here, labelled tokens where a task scores tokens.
+        An optimizer step weights each micro-batch (and process) by it, as one big batch would."""
+        return int(batch["input_ids"].shape[0])
+
     # ---- scoring -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, model, loaded: Loaded, autocast_ctx, device, batch_size: int) -> EvalResult:

@@ -198,3 +198,10 @@ def classify_texts(model, tokenizer, texts: list[str], max_length: int = 512, ba
                 best = int(p.argmax())
                 out.append({"label": id2label[best], "score": round(float(p[best]), 5), "scores": scores})
     return out
+
+
+def single_texts(extras: dict) -> bool:
+    """A classifier lmforge fine-tuned on single texts (the fields it read are recorded): a second text would
+    be scored as a pair it never saw. Unknown for other folders, which are left to take one."""
+    fields = extras.get("data_fields")
+    return bool(fields) and "text" in fields and not fields.get("text_pair")

@@ -288,6 +288,17 @@ class QATask(Task):
         keep = ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions")
         return [{k: w[k] for k in keep if k in w} for w in windows]
 
+    def loss(self, model, batch):
+        """transformers' QA loss (the mean of the start and end cross-entropies), over the window's tokens only:
+        its own takes the softmax over the padding as well, so an example's loss (and gradient) would depend on
+        how long the other windows of its batch are, and one big batch would not train as its parts do."""
+        out = model(**{k: v for k, v in batch.items() if k not in ("start_positions", "end_positions")})
+        pad = batch["attention_mask"] == 0  # (B, T)
+        ce = torch.nn.functional.cross_entropy
+        start = ce(out.start_logits.float().masked_fill(pad, float("-inf")), batch["start_positions"])
+        end = ce(out.end_logits.float().masked_fill(pad, float("-inf")), batch["end_positions"])
+        return (start + end) / 2
+
     def collate(self, feats: list[dict]) -> dict[str, torch.Tensor]:
         batch = _model_batch(feats, _pad_id(self.tokenizer), self.pad_multiple)  # (B, T) each
         if "start_positions" in feats[0]:

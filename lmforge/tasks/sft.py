@@ -425,6 +425,12 @@ def can_mask_logits(model) -> bool:
         model.train(was_training)
 
 
+def labelled_tokens(labels: torch.Tensor, shifted: bool) -> int:
+    """The targets a token loss averages over: labels (B, T) other than -100, after the next-token shift of a
+    decoder (the first position predicts nothing)."""
+    return int((labels[:, 1:] != -100).sum() if shifted else (labels != -100).sum())
+
+
 def causal_lm_loss(model, batch: dict[str, torch.Tensor], mask_logits: bool) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled positions, with the vocabulary projection computed only
     there when `mask_logits` (see can_mask_logits); the same value as the model's own loss.
@@ -568,6 +574,9 @@ class SFTTask(Task):
 
     def loss(self, model, batch):
         return causal_lm_loss(model, batch, self.mask_logits)
+
+    def loss_items(self, batch):
+        return labelled_tokens(batch["labels"], shifted=True)
 
     def features(self, loaded: Loaded, train: bool) -> list[dict]:
         feats = []

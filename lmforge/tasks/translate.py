@@ -22,7 +22,8 @@ from lmforge.errors import LmforgeError
 from lmforge.evaluate.task_metrics import translation_metrics
 from lmforge.tasks.base import EvalResult, Task, dtype_kw, pad_batch
 from lmforge.tasks.sft import (can_mask_logits, causal_lm_loss, configure_generation, encode_conversation,
-                               encode_text, end_token_ids, generate_batch, load_causal, render, setup_chat)
+                               encode_text, end_token_ids, generate_batch, labelled_tokens, load_causal, render,
+                               setup_chat)
 from lmforge.train.common import sharded_generation
 
 LANGUAGES = {
@@ -355,6 +356,9 @@ class TranslateTask(Task):
         if self.seq2seq:
             return model(**batch).loss
         return causal_lm_loss(model, batch, self.mask_logits)  # the prompt is unlabelled: logits for the target only
+
+    def loss_items(self, batch):
+        return labelled_tokens(batch["labels"], shifted=not self.seq2seq)
 
     # ---- data
     def _need_prompter(self) -> Prompter:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.model.hub import temp_folder
 
 STATE_DIR = "lmforge_state"
 
@@ -46,7 +46,7 @@ def write_folder_atomic(dest: str | Path, write: Callable[[Path], None]) -> Path
     """Fill a temp folder beside `dest` with `write(tmp)`, then swap it into place."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    tmp = temp_folder(dest.parent, f".tmp-{dest.name}-")
     try:
         write(tmp)
     except BaseException:

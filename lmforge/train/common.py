@@ -35,14 +35,14 @@ class Runtime:
         return self.world_size > 1
 
     def agree(self, values: list[float], op: str = "max") -> list[float]:
-        """The same numbers on every rank (the max or min over ranks). Decisions a rank takes from its own clock
-        or signals (stop now, how many steps fit the time budget) must not split the processes: a rank that
-        stops or plans one step fewer leaves the others waiting in an all-reduce forever."""
+        """The same numbers on every rank (the max, min or sum over ranks). Decisions a rank takes from its own
+        clock or signals (stop now, how many steps fit the time budget) must not split the processes: a rank
+        that stops or plans one step fewer leaves the others waiting in an all-reduce forever."""
         if not self.distributed:
             return [float(v) for v in values]
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
         reduce = torch.distributed.ReduceOp
-        torch.distributed.all_reduce(t, op=reduce.MAX if op == "max" else reduce.MIN)
+        torch.distributed.all_reduce(t, op={"max": reduce.MAX, "min": reduce.MIN, "sum": reduce.SUM}[op])
         return t.tolist()
 
     def command(self, verb: str) -> str:
@@ -57,6 +57,33 @@ class Runtime:
         out = [None] * self.world_size
         torch.distributed.all_gather_object(out, obj)
         return out
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first (converting a model, filling a cache), then the other ranks, which find
+        its work done. Where rank 0 fails, the others stop with it, quietly: waiting at a plain barrier, they
+        would end in a traceback when its process group hung up."""
+        if not self.distributed:
+            yield
+            return
+        if self.is_main:
+            try:
+                yield
+            except BaseException:
+                self.agree([1])
+                raise
+            self.agree([0])
+            return
+        if self.agree([0])[0]:
+            raise RankStopped()
+        yield
+
+
+class RankStopped(LmforgeError):
+    """A rank other than 0 stops because rank 0 failed (rank 0 says why; the CLI prints nothing for it)."""
+
+    def __init__(self):
+        super().__init__("stopped: rank 0 failed")
 
 
 class StopOnSignal:
