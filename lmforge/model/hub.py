@@ -135,9 +135,14 @@ def convert_gguf(gguf_path: Path, out: Path) -> Path:
     cfg = json.loads(cfg_path.read_text())
     cfg["add_bos_token"] = False
     cfg_path.write_text(json.dumps(cfg, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except OSError:  # another process (a second user, a rank outside torchrun's) converted it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "model.safetensors").exists():
+            raise
     return out
 
 
