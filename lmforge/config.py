@@ -84,6 +84,8 @@ def _coerce(value: Any, tp, is_list: bool, where: str):
     if is_list:
         items = value if isinstance(value, list) else [value]
         return [_coerce(v, tp, False, where) for v in items]
+    if isinstance(value, (list, dict)):  # a YAML list or mapping where one value belongs (str() made a path of it)
+        raise LmforgeError(f"{where}: expected one {tp.__name__}, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -92,9 +94,11 @@ def _coerce(value: Any, tp, is_list: bool, where: str):
         if str(value).lower() in ("false", "no", "0", "off"):
             return False
         raise LmforgeError(f"{where}: expected true or false, got {value!r}")
+    if tp in (int, float) and isinstance(value, bool) or tp is int and isinstance(value, float) and value != int(value):
+        raise LmforgeError(f"{where}: expected {tp.__name__}, got {value!r}")  # int(True) is 1, int(2.7) is 2
     try:
         return tp(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise LmforgeError(f"{where}: expected {tp.__name__}, got {value!r}") from None
 
 
@@ -127,6 +131,8 @@ def build(cls, values: dict, source: str = "config"):
             raise LmforgeError(f"{source}: unknown option '{key}'{closest(name, fields)}")
         tp, is_list = _base_type(fields[name].type)
         where = f"{source}: field '{key}'"
+        if value is None and type(None) not in typing.get_args(fields[name].type):
+            raise LmforgeError(f"{where}: needs a value (null/empty is not one: leave the key out for the default)")
         choices = fields[name].metadata.get("choices")
         value = _coerce(value, tp, is_list, where)
         if choices and value is not None and value not in choices:
@@ -199,6 +205,7 @@ def resume_base(args: argparse.Namespace, cls, resolved: tuple[str, ...] = ()) -
     saved = load_yaml(path)
     for key in ("resume", "stop_after_steps"):  # per-invocation choices, not part of the run
         saved.pop(key, None)
+    build(cls, saved, source=str(path))  # an edited or damaged saved config is named as the file it is
     given = {k: v for k, v in vars(args).items() if k not in ("verb", "func", "config")}
     if getattr(args, "config", None):
         fields, from_file = _fields(cls), {}

@@ -203,3 +203,62 @@ def test_tokenizer_folder_that_is_not_one(tmp_path, tiny_run):
     d = tmp_path / "notatok"
     d.mkdir()
     assert_user_error(pretrain(tiny_run.corpus, tmp_path / "o", "--tokenizer", d), "not a tokenizer folder")
+
+
+def test_config_values_that_are_not_values(tmp_path, tiny_run):
+    """null, a list where one value belongs, 2.7 or true for an int: named, not passed on (a folder named
+    "['a', 'b']", 2 steps for 2.7, a None that failed deep inside)."""
+    cases = {"batch_size: null": "needs a value", "out: [runs/a, runs/b]": "expected one str",
+             "max_steps: 2.7": "expected int, got 2.7", "max_steps: true": "expected int, got True"}
+    for i, (line, fragment) in enumerate(cases.items()):
+        cfg = tmp_path / f"c{i}.yaml"
+        cfg.write_text(line + "\n", encoding="utf-8")
+        assert_user_error(cli("pretrain", "--data", tiny_run.corpus, "--config", cfg), str(cfg), fragment)
+    assert not list(tmp_path.glob("*runs*"))
+
+
+def test_out_of_range_options_and_devices(tmp_path, tiny_run):
+    assert_user_error(pretrain(tiny_run.corpus, tmp_path / "o", "--seed", "-1"), "--seed must be at least 0")
+    assert_user_error(cli("finetune", "--task", "classify", "--model", "minilm-l6", "--train", "rotten_tomatoes",
+                          "--out", tmp_path / "f", "--epochs", "inf"), "--epochs must be", "inf")
+    assert_user_error(pretrain(tiny_run.corpus, tmp_path / "o", "--device", "gpu"), "--device gpu", "cpu")
+    assert_user_error(pretrain("", tmp_path / "o"), "--data: an empty path")  # Path("") would be the cwd
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert_user_error(pretrain(tiny_run.corpus, afile / "run"), f"{afile} is a file")
+    assert not (tmp_path / "o").exists()
+
+
+def test_tokenizer_out_holding_other_files_is_refused(tmp_path, tiny_run):
+    mine = tmp_path / "project"
+    (mine / "src").mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    res = cli("tokenizer", "train", "--data", tiny_run.corpus, "--vocab-size", "300", "--out", mine)
+    assert_user_error(res, "holds other files", "notes.txt")
+    assert (mine / "notes.txt").read_text() == "mine" and (mine / "src").is_dir()
+    # an earlier tokenizer may be replaced
+    assert cli("tokenizer", "train", "--data", tiny_run.corpus, "--vocab-size", "300", "--out", tmp_path / "t").code == 0
+    assert cli("tokenizer", "train", "--data", tiny_run.corpus, "--vocab-size", "300", "--out", tmp_path / "t").code == 0
+
+
+def test_finetune_loads_safetensors_only_and_names_a_broken_folder(tmp_path, tiny_run):
+    """A pytorch_model.bin is a pickle: never loaded (generate and serve refused it; finetune, predict and
+    evaluate unpickled it). A truncated safetensors file is named, not shown as a traceback."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    binonly = tmp_path / "bin"
+    shutil.copytree(tiny_run.final, binonly)
+    torch.save(load_file(binonly / "model.safetensors"), binonly / "pytorch_model.bin")
+    (binonly / "model.safetensors").unlink()
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"prompt": "Say hi.", "response": "hi"}) + "\n")
+    args = ("finetune", "--task", "sft", "--train", data, "--validation", data, "--max-steps", "1", "--no-progress")
+    assert_user_error(cli(*args, "--model", binonly, "--out", tmp_path / "a"), "safetensors", "never pickles")
+    trunc = tmp_path / "trunc"
+    shutil.copytree(tiny_run.final, trunc)
+    (trunc / "model.safetensors").write_bytes((tiny_run.final / "model.safetensors").read_bytes()[:1000])
+    assert_user_error(cli(*args, "--model", trunc, "--out", tmp_path / "b"), str(trunc), "cannot load")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

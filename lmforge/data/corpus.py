@@ -47,6 +47,9 @@ def resolve_sources(specs: list[str]) -> list[Source]:
                            f"({', '.join(BUILTIN_CORPORA)})")
     out: list[Source] = []
     for spec in specs:
+        if not str(spec).strip():  # Path("") is ".": an unset shell variable would train on the current folder
+            raise LmforgeError("--data: an empty path (an unset variable?); give a file, a folder or a built-in "
+                               "corpus (use . for the current folder)")
         path = Path(spec).expanduser()
         if spec in BUILTIN_CORPORA and not path.exists():
             out.append(Source(BUILTIN_DIR / BUILTIN_CORPORA[spec], "txt"))

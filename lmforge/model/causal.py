@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from safetensors import SafetensorError
+
 from lmforge.errors import LmforgeError
 from lmforge.model.llama import LlamaLM, config_from_hf
 
@@ -67,8 +69,8 @@ def load_causal_lm(folder: str | Path, native: bool = True, max_seq_len: int | N
         try:
             config_from_hf(hf)
             return LlamaLM.from_hf(folder, max_seq_len=max_seq_len)
-        except (ValueError, KeyError):
-            pass  # not a plain Llama: fall through to transformers
+        except (ValueError, KeyError, OSError, RuntimeError, SafetensorError):
+            pass  # not a plain Llama (or broken): transformers loads it, or says what is wrong with it
     from transformers import AutoModelForCausalLM
 
     try:

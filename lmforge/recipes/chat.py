@@ -35,7 +35,8 @@ class ChatConfig:
     temperature: float = opt(0.7, "sampling temperature (0: greedy)", ge=0)
     top_k: int = opt(50, "sample from the k most likely tokens (0: off)", ge=0)
     top_p: float = opt(1.0, "nucleus sampling: smallest set with this much probability (1: off)", gt=0, le=1)
-    seed: int | None = opt(None, "random seed for reproducible replies (turn n uses seed + n)")
+    seed: int | None = opt(None, "random seed for reproducible replies (turn n uses seed + n)", ge=0,
+                            lt=2 ** 32)
     context: int | None = opt(None, "context window in tokens (default and maximum: the model's)", ge=8)
 
 

@@ -43,9 +43,10 @@ class FinetuneConfig:
     test: str | None = opt(None, "test data (default: the built-in set's or DatasetDict's test split)")
     out: str = opt("", "output folder")
     # ---- how long and how fast
-    epochs: float = opt(0.0, "passes over the training data (0: the task's default)", ge=0)
+    epochs: float = opt(0.0, "passes over the training data (0: the task's default)", ge=0, lt=1e6)
     max_steps: int = opt(0, "stop after this many optimizer steps (overrides --epochs)", ge=0)
-    max_minutes: float = opt(0.0, "train for about this long (the schedule is fitted to the measured speed)", ge=0)
+    max_minutes: float = opt(0.0, "train for about this long (the schedule is fitted to the measured speed)", ge=0,
+                             lt=1e6)
     batch_size: int = opt(0, "examples per batch (0: the task's default)", ge=0)
     eval_batch_size: int = opt(64, "examples per evaluation batch", ge=1)
     grad_accum: int = opt(1, "batches per optimizer step", ge=1)
@@ -72,7 +73,7 @@ class FinetuneConfig:
     keep_checkpoints: int = opt(1, "how many recent checkpoints to keep, besides the best one", ge=1)
     max_train_examples: int = opt(0, "use at most this many training examples (0: all)", ge=0)
     max_eval_examples: int = opt(0, "score at most this many validation/test examples (0: all)", ge=0)
-    seed: int = opt(42, "random seed")
+    seed: int = opt(42, "random seed", ge=0, lt=2 ** 32)
     resume: bool = opt(False, "continue from the latest checkpoint in --out (its saved config is reused)")
     stop_after_steps: int = opt(0, "stop (with a checkpoint) after this many steps of this invocation", ge=0)
     progress: bool = opt(True, "show a progress bar")
@@ -342,9 +343,9 @@ def run(cfg: FinetuneConfig) -> dict:
     from lmforge.tasks import get_task
     from lmforge.tokenizer.bpe import load_tokenizer
     from lmforge.train import checkpoint as ckpt
-    from lmforge.train.common import (MetricsLog, StopOnSignal, autocast, build_optimizer, format_duration,
-                                      full_state, grad_scaler, load_optimizer_state, resolve_precision,
-                                      setup_runtime, shard_model, write_atomic)
+    from lmforge.train.common import (MetricsLog, StopOnSignal, autocast, build_optimizer, check_out_dir,
+                                      format_duration, full_state, grad_scaler, load_optimizer_state,
+                                      resolve_precision, setup_runtime, shard_model, write_atomic)
 
     for name in ("task", "model", "train", "out"):
         if not getattr(cfg, name):
@@ -353,6 +354,7 @@ def run(cfg: FinetuneConfig) -> dict:
     rt = setup_runtime(cfg.device)
     precision = resolve_precision(cfg.precision, rt.device)
     torch.manual_seed(cfg.seed)
+    check_out_dir(out)
     if not cfg.resume:
         ckpt.refuse_earlier_run(out)
     if cfg.resume and (out / "final").is_dir() and (out / "metrics.json").exists():

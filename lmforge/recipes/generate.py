@@ -22,7 +22,7 @@ class GenerateConfig:
     temperature: float = opt(0.8, "sampling temperature (0: greedy)", ge=0)
     top_k: int = opt(50, "sample from the k most likely tokens (0: off)", ge=0)
     top_p: float = opt(1.0, "nucleus sampling: smallest set with this much probability (1: off)", gt=0, le=1)
-    seed: int | None = opt(None, "random seed for reproducible samples")
+    seed: int | None = opt(None, "random seed for reproducible samples", ge=0, lt=2 ** 32)
     stats: bool = opt(False, "print tokens/s to stderr at the end")
 
 

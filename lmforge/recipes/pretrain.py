@@ -41,7 +41,8 @@ class PretrainConfig:
     context: int = opt(0, "override the preset's context length (tokens)", ge=0)
     init_from: str | None = opt(None, "continue training this causal LM (folder, hub id, or smollm2-135m)")
     max_steps: int = opt(0, "optimizer steps to train (0: 1000, or as many as --max-minutes allows)", ge=0)
-    max_minutes: float = opt(0.0, "train for about this long; sets the step count from measured speed", ge=0)
+    max_minutes: float = opt(0.0, "train for about this long; sets the step count from measured speed", ge=0,
+                             lt=1e6)
     batch_size: int = opt(16, "sequences per micro-batch", ge=1)
     grad_accum: int = opt(1, "micro-batches per optimizer step", ge=1)
     lr: float = opt(0.0, "peak learning rate (0: 2e-3 from scratch, 1e-4 with --init-from)", ge=0)
@@ -65,7 +66,7 @@ class PretrainConfig:
                                 "per run where --max-minutes evaluates less often)", ge=0)
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep", ge=1)
     log_interval: int = opt(10, "log training loss every N steps", ge=1)
-    seed: int = opt(1337, "random seed for initialisation and data order")
+    seed: int = opt(1337, "random seed for initialisation and data order", ge=0, lt=2 ** 32)
     resume: bool = opt(False, "continue from the latest checkpoint in --out")
     stop_after_steps: int = opt(0, "stop (with a checkpoint) after this many steps of this invocation", ge=0)
     progress: bool = opt(True, "show a progress bar")
@@ -130,9 +131,9 @@ def run(cfg: PretrainConfig) -> dict:
     from lmforge.model.llama import LlamaLM
     from lmforge.tokenizer.bpe import load_tokenizer, mean_token_bytes, token_byte_lengths
     from lmforge.train import checkpoint as ckpt
-    from lmforge.train.common import (MetricsLog, StopOnSignal, autocast, build_optimizer, format_duration,
-                                      full_state, grad_scaler, load_optimizer_state, resolve_precision,
-                                      setup_runtime, shard_model, warmup_cosine)
+    from lmforge.train.common import (MetricsLog, StopOnSignal, autocast, build_optimizer, check_out_dir,
+                                      format_duration, full_state, grad_scaler, load_optimizer_state,
+                                      resolve_precision, setup_runtime, shard_model, warmup_cosine, write_atomic)
 
     if not cfg.out:
         raise LmforgeError("--out is required (the folder for checkpoints and the final model)")
@@ -141,6 +142,7 @@ def run(cfg: PretrainConfig) -> dict:
     precision = resolve_precision(cfg.precision, rt.device)
     torch.manual_seed(cfg.seed + rt.rank)
 
+    check_out_dir(out)
     if not cfg.resume:
         ckpt.refuse_earlier_run(out)
     if cfg.resume and (out / "final" / "config.json").exists():
@@ -275,6 +277,9 @@ def run(cfg: PretrainConfig) -> dict:
         res = evaluate_tokens(model, val_tokens, context, token_bytes, bytes_per_token, batch_size=cfg.batch_size,
                               max_tokens=cfg.eval_tokens or None, precision=precision, device=rt.device)
         row = {"step": step, "val_loss": res["loss"], "val_ppl": res["perplexity"], "val_bpb": res["bits_per_byte"]}
+        if not math.isfinite(res["loss"]):  # the last update diverged (its own loss was still finite)
+            raise LmforgeError(f"the validation loss became {res['loss']} at step {step}: lower --lr or use "
+                               f"--precision fp32")
         msg = (f"step {step}: val loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | "
                f"bits/byte {res['bits_per_byte']:.4f}")
         if cfg.sample_tokens and (rt.is_main or sharded):  # sharded, every rank takes part in each forward
@@ -341,7 +346,7 @@ def run(cfg: PretrainConfig) -> dict:
                         precision=precision, eval_interval=eval_interval, save_interval=save_interval)
         config_yaml = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
         if rt.is_main:
-            (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
+            write_atomic(out / "config.yaml", config_yaml)  # --resume reads it: never half a file
         print(f"model: {n_params / 1e6:.2f}M parameters | context {context} | {tokens_per_step:,} tokens/step | "
               f"{max_steps} steps | precision {precision}{' | compiled' if use_compile else ''} | device {rt.device}"
               + (f" | world {rt.world_size}{' (FSDP)' if sharded else ''}" if rt.distributed else ""), flush=True)

@@ -57,7 +57,7 @@ def run(cfg: QuickstartConfig) -> dict:
                                         seed=0)
     print(f"\nvalidation bits/byte: {pre['initial_val_bits_per_byte']:.3f} before training -> "
           f"{pre['val_bits_per_byte']:.3f} after ({pre['steps']} steps, "
-          f"{pre['median_tokens_per_s']:,.0f} tokens/s)")
+          + (f"{pre['median_tokens_per_s']:,.0f} tokens/s)" if pre["median_tokens_per_s"] else "too short to time)"))
     print("sample:\n" + "\n".join("  | " + line for line in sample.splitlines()))
     made += [("language model (HF LlamaForCausalLM)", str(final)), ("pretraining metrics", str(lm_dir / "metrics.json")),
              ("loss curve", str(lm_dir / "loss.png"))]

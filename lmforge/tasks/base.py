@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from lmforge.data.labelled import Loaded
+from lmforge.errors import LmforgeError
 
 
 @dataclass
@@ -91,6 +92,24 @@ class Task:
     def config_extras(self) -> dict:
         """Extra keys recorded in DIR/final/lmforge_config.yaml (e.g. the prompt template)."""
         return {}
+
+
+def load_pretrained(auto_cls, path, no_head: str = "", **kw):
+    """`auto_cls.from_pretrained(path)` from safetensors only (unpickling a pytorch_model.bin could run code),
+    with a folder that does not load (an unknown model_type, truncated weights, a config the weights do not
+    fit) named in one line rather than shown as a traceback. `no_head`: what to say for an architecture
+    transformers has no such head for."""
+    try:
+        return auto_cls.from_pretrained(str(path), use_safetensors=True, **kw)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else ""
+        if isinstance(e, ValueError) and "Unrecognized configuration class" in msg:
+            raise LmforgeError(f"{path}: this architecture has no {auto_cls.__name__} head in transformers"
+                               + (f"; {no_head}" if no_head else "")) from None
+        if isinstance(e, OSError) and ("safetensors" in msg.lower() or "no file named" in msg.lower()):
+            msg += " (lmforge loads *.safetensors weights only, never pickles: convert the folder with " \
+                   "transformers' save_pretrained(..., safe_serialization=True))"
+        raise LmforgeError(f"{path}: cannot load as {auto_cls.__name__} ({type(e).__name__}: {msg})") from None
 
 
 def dtype_kw(dtype) -> dict:

@@ -11,7 +11,7 @@ import torch
 from lmforge.data.labelled import Loaded, build_label_map, check_label_names, check_labels
 from lmforge.errors import LmforgeError
 from lmforge.evaluate.task_metrics import classification_metrics, regression_metrics
-from lmforge.tasks.base import EvalResult, Task, dtype_kw, pad_batch
+from lmforge.tasks.base import EvalResult, Task, dtype_kw, load_pretrained, pad_batch
 
 
 def _is_number(x) -> bool:
@@ -58,7 +58,7 @@ class ClassifyTask(Task):
         from transformers import AutoModelForSequenceClassification
 
         self.tokenizer = tokenizer
-        model = AutoModelForSequenceClassification.from_pretrained(path)
+        model = load_pretrained(AutoModelForSequenceClassification, path)
         self.regression = model.config.problem_type == "regression" or model.config.num_labels == 1
         self.labels = [] if self.regression else [model.config.id2label[i] for i in range(model.config.num_labels)]
         self.label_index = {lab: i for i, lab in enumerate(self.labels)}
@@ -93,7 +93,7 @@ class ClassifyTask(Task):
             num_labels=len(self.labels), problem_type="single_label_classification",
             id2label={i: str(lab) for i, lab in enumerate(self.labels)},
             label2id={str(lab): i for i, lab in enumerate(self.labels)})
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kw, **dtype_kw(dtype or torch.float32))
+        model = load_pretrained(AutoModelForSequenceClassification, path, **kw, **dtype_kw(dtype or torch.float32))
         # Decoder classifiers read the last non-pad token: they must know the pad id.
         model.config.pad_token_id = self.tokenizer.pad_token_id
         return model

@@ -22,7 +22,7 @@ import torch
 from lmforge.data.labelled import Loaded
 from lmforge.errors import LmforgeError
 from lmforge.evaluate.task_metrics import squad_metrics
-from lmforge.tasks.base import EvalResult, Task, dtype_kw, pad_batch
+from lmforge.tasks.base import EvalResult, Task, dtype_kw, load_pretrained, pad_batch
 
 
 # ----------------------------------------------------------------------------------------------- windows
@@ -258,13 +258,8 @@ class QATask(Task):
     def load_model(self, path, dtype=None):
         from transformers import AutoModelForQuestionAnswering
 
-        try:
-            return AutoModelForQuestionAnswering.from_pretrained(path, **dtype_kw(dtype or torch.float32))
-        except ValueError as e:
-            if "Unrecognized configuration class" in str(e):
-                raise LmforgeError(f"{path}: this architecture has no question-answering head in transformers; "
-                                   "qa needs an encoder such as minilm-l6 (BERT-like)") from None
-            raise
+        return load_pretrained(AutoModelForQuestionAnswering, path, **dtype_kw(dtype or torch.float32),
+                               no_head="qa needs an encoder such as minilm-l6 (BERT-like)")
 
     def _windows(self, loaded: Loaded) -> list[dict]:
         rows = loaded.rows

@@ -20,7 +20,7 @@ import torch
 from lmforge.data.labelled import Loaded
 from lmforge.errors import LmforgeError
 from lmforge.evaluate.metrics import perplexity
-from lmforge.tasks.base import EvalResult, Task, dtype_kw, pad_batch
+from lmforge.tasks.base import EvalResult, Task, dtype_kw, load_pretrained, pad_batch
 from lmforge.tokenizer.bpe import DEFAULT_CHAT_TEMPLATE
 from lmforge.train.common import sharded_generation
 
@@ -218,7 +218,7 @@ def load_causal(path, dtype=None):
     """AutoModelForCausalLM in float32 unless told otherwise (AdamW wants float32 master weights)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path), **dtype_kw(dtype or torch.float32))
+    return load_pretrained(AutoModelForCausalLM, path, **dtype_kw(dtype or torch.float32))
 
 
 # ------------------------------------------------------------------------------------------ masking

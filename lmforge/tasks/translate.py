@@ -20,7 +20,7 @@ import torch
 from lmforge.data.labelled import Loaded
 from lmforge.errors import LmforgeError
 from lmforge.evaluate.task_metrics import translation_metrics
-from lmforge.tasks.base import EvalResult, Task, dtype_kw, pad_batch
+from lmforge.tasks.base import EvalResult, Task, dtype_kw, load_pretrained, pad_batch
 from lmforge.tasks.sft import (can_mask_logits, causal_lm_loss, configure_generation, encode_conversation,
                                encode_text, end_token_ids, generate_batch, labelled_tokens, load_causal, render,
                                setup_chat)
@@ -332,7 +332,7 @@ class TranslateTask(Task):
         if self.seq2seq:
             from transformers import AutoModelForSeq2SeqLM
 
-            model = AutoModelForSeq2SeqLM.from_pretrained(str(path), **dtype_kw(dtype or torch.float32))
+            model = load_pretrained(AutoModelForSeq2SeqLM, path, **dtype_kw(dtype or torch.float32))
             pad = self.tokenizer.pad_token_id
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = pad

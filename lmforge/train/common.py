@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, closest
 
 
 # ---- processes and devices ------------------------------------------------------------------------------
@@ -118,13 +118,24 @@ def setup_runtime(device: str = "auto") -> Runtime:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise LmforgeError(f"--device {device}: not a device; one of auto, cpu, cuda (or cuda:N), mps"
+                           f"{closest(kind, ['cpu', 'cuda', 'mps'])}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise LmforgeError(f"--device {device}: no CUDA GPU is visible")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise LmforgeError(f"--device {device}: MPS (Apple GPU) is not available here")
     if device == "cuda":
-        if not torch.cuda.is_available():
-            raise LmforgeError("--device cuda: no CUDA GPU is visible")
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
     else:
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+            if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+                raise RuntimeError(f"only {torch.cuda.device_count()} GPU(s)")
+        except RuntimeError as e:
+            raise LmforgeError(f"--device {device}: {e}") from None
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     if world > 1 and rank != 0 and not os.environ.get("LMFORGE_ALL_RANKS_PRINT"):
@@ -375,6 +386,23 @@ def check_output_file(path: str | Path, option: str) -> None:
         raise LmforgeError(f"{option} {path}: this is a folder; give a file name")
     if not path.parent.is_dir():
         raise LmforgeError(f"{option} {path}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise LmforgeError(f"{option} {path}: the folder {path.parent} is not writable")
+
+
+def check_out_dir(out: str | Path, option: str = "--out") -> None:
+    """Fail before any work, naming it, when `out` cannot become a folder: a file in its place or above it, or
+    a folder that is not writable. Nothing is created yet (a run that stops on bad data leaves no --out)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LmforgeError(f"{option} {out}: this is a file; give a folder")
+    above = out
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise LmforgeError(f"{option} {out}: {above} is a file, so no folder can be made under it")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise LmforgeError(f"{option} {out}: {above} is not writable")
 
 
 def write_atomic(path: str | Path, text: str) -> None:
