@@ -134,14 +134,13 @@ def load_checked(ckpt: Path, load: Callable, *args):
     cut short) named, with the way out, instead of a safetensors traceback."""
     try:
         return load(ckpt, *args)
-    except LmforgeError:
-        raise
-    except Exception as e:  # SafetensorError, OSError, FileNotFoundError, ValueError from a bad header...
+    except Exception as e:  # SafetensorError, OSError, a bad header, or a loader's own message about it
         older = sorted(p.name for p in ckpt.parent.glob("step-*") if p.name < ckpt.name)
         way_out = (f"delete it to resume from {older[-1]}" if older else
                    "no earlier checkpoint is left; start the run again")
-        raise LmforgeError(f"{ckpt}: damaged checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                           f"{way_out}") from None
+        what = str(e) if isinstance(e, LmforgeError) else \
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise LmforgeError(f"{ckpt}: damaged checkpoint ({what}); {way_out}") from None
 
 
 def load_trainer_state(ckpt: Path) -> dict:
