@@ -262,3 +262,17 @@ def test_finetune_loads_safetensors_only_and_names_a_broken_folder(tmp_path, tin
     (trunc / "model.safetensors").write_bytes((tiny_run.final / "model.safetensors").read_bytes()[:1000])
     assert_user_error(cli(*args, "--model", trunc, "--out", tmp_path / "b"), str(trunc), "cannot load")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_model_with_another_tasks_head_is_refused(tmp_path, tiny_run):
+    """A classifier given to generate (or predict --task qa) would run with a new random head: noise."""
+    import shutil
+
+    folder = tmp_path / "clf"
+    shutil.copytree(tiny_run.final, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForSequenceClassification"]}))
+    assert_user_error(cli("generate", "--model", folder, "--prompt", "hi"), "LlamaForSequenceClassification",
+                      "not a causal LM model")
+    assert_user_error(cli("predict", "--model", folder, "--task", "qa", "--question", "Who?", "--context", "Me."),
+                      "not a qa model")

@@ -60,9 +60,30 @@ def read_config(folder: Path) -> dict:
         raise LmforgeError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
+# task heads (architecture name endings) that no other task can use
+TASK_HEADS = {"ForSequenceClassification": "classify", "ForQuestionAnswering": "qa",
+              "ForTokenClassification": "token classification", "ForMultipleChoice": "multiple choice"}
+
+
+def check_head(folder: str | Path, task: str) -> None:
+    """Refuse a folder saved with another task's head (a classifier given to `generate`, or to `predict --task
+    qa`): transformers would give it a new, random head, and report that only in a load message lmforge keeps
+    quiet, so every output would be noise. Folders that record no such head (a base encoder, a hub id) pass."""
+    path = Path(folder) / "config.json"
+    try:
+        archs = json.loads(path.read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return
+    heads = [next((t for s, t in TASK_HEADS.items() if a.endswith(s)), None) for a in archs]
+    if archs and all(h is not None and h != task for h in heads):
+        raise LmforgeError(f"{folder}: a {archs[0]} (a {heads[0]} model), not a {task} model: its {task} head "
+                           f"would be random")
+
+
 def load_causal_lm(folder: str | Path, native: bool = True, max_seq_len: int | None = None) -> nn.Module:
     folder = Path(folder)
     hf = read_config(folder)
+    check_head(folder, "causal LM")
     if not list(folder.glob("*.safetensors")):
         raise LmforgeError(f"{folder}: no *.safetensors weights (lmforge loads safetensors only, never pickles)")
     if native:

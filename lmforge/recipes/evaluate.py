@@ -121,6 +121,7 @@ def load_for_task(path, task: str, overrides: dict):
     import yaml
 
     from lmforge import config as C
+    from lmforge.model.causal import check_head
     from lmforge.recipes.finetune import FinetuneConfig
     from lmforge.tasks import get_task
     from lmforge.tokenizer.bpe import load_tokenizer
@@ -131,6 +132,7 @@ def load_for_task(path, task: str, overrides: dict):
     known.update(task=task, model=str(path), **overrides)
     fcfg = C.build(FinetuneConfig, known)
     t = get_task(task)(fcfg)
+    check_head(path, task)
     tokenizer = load_tokenizer(path)
     model = t.attach(path, tokenizer, extras).eval()
     return t, model, tokenizer, extras
