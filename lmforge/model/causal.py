@@ -65,13 +65,15 @@ TASK_HEADS = {"ForSequenceClassification": "classify", "ForQuestionAnswering": "
               "ForTokenClassification": "token classification", "ForMultipleChoice": "multiple choice"}
 
 
-def check_head(folder: str | Path, task: str) -> None:
+def check_head(folder: str | Path, task: str, config: dict | None = None) -> None:
     """Refuse a folder saved with another task's head (a classifier given to `generate`, or to `predict --task
     qa`): transformers would give it a new, random head, and report that only in a load message lmforge keeps
-    quiet, so every output would be noise. Folders that record no such head (a base encoder, a hub id) pass."""
-    path = Path(folder) / "config.json"
+    quiet, so every output would be noise. Folders that record no such head (a base encoder, a hub id) pass.
+    `config`: the folder's config.json where the caller has read it already."""
     try:
-        archs = json.loads(path.read_text()).get("architectures") or []
+        if config is None:
+            config = json.loads((Path(folder) / "config.json").read_text())
+        archs = config.get("architectures") or []
     except (OSError, ValueError, AttributeError):
         return
     heads = [next((t for s, t in TASK_HEADS.items() if a.endswith(s)), None) for a in archs]
@@ -83,7 +85,7 @@ def check_head(folder: str | Path, task: str) -> None:
 def load_causal_lm(folder: str | Path, native: bool = True, max_seq_len: int | None = None) -> nn.Module:
     folder = Path(folder)
     hf = read_config(folder)
-    check_head(folder, "causal LM")
+    check_head(folder, "causal LM", hf)
     if not list(folder.glob("*.safetensors")):
         raise LmforgeError(f"{folder}: no *.safetensors weights (lmforge loads safetensors only, never pickles)")
     if native:

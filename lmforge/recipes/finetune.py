@@ -586,9 +586,10 @@ def run(cfg: FinetuneConfig) -> dict:
             first = step % steps_per_epoch * cfg.grad_accum
             for b0 in range(first, steps_per_epoch * cfg.grad_accum, cfg.grad_accum):
                 loss_sum = 0.0
-                micro = [task.collate([feats[i] for i in idx]) for idx in order[b0:b0 + cfg.grad_accum]]
-                items = [task.loss_items(b) * w for b, w in zip(micro, weight[b0:b0 + cfg.grad_accum])]
-                examples = sum(len(idx) * w for idx, w in zip(order[b0:b0 + cfg.grad_accum], weight[b0:]))
+                idxs, ws = order[b0:b0 + cfg.grad_accum], weight[b0:b0 + cfg.grad_accum]
+                micro = [task.collate([feats[i] for i in idx]) for idx in idxs]
+                items = [task.loss_items(b) * w for b, w in zip(micro, ws)]
+                examples = sum(len(idx) * w for idx, w in zip(idxs, ws))
                 # The step's loss is the mean over all its examples (sft, translate: labelled tokens) on every
                 # rank, as one big batch's would be; a mean of per-batch means would weight a token of a short
                 # reply above one of a long reply. DDP averages the ranks' gradients: hence x world_size.

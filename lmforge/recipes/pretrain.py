@@ -256,6 +256,10 @@ def run(cfg: PretrainConfig) -> dict:
         per_step = measure_step_seconds(train_step, model, optimizer)  # the steps are fitted after evaluation 0
     elif not max_steps:
         max_steps = 1000
+
+    def tokens_seen(step: int) -> int:
+        return tokens_before + (step - start_step) * tokens_per_step
+
     scaler = grad_scaler(precision, rt.device, saved.get("grad_scaler"))  # as saved; nor does the probe's carry over
 
     log = MetricsLog(out, enabled=rt.is_main)
@@ -304,7 +308,7 @@ def run(cfg: PretrainConfig) -> dict:
             return None
         state = {"optimizer": optim_state if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": rngs, "step": step, "max_steps": max_steps, "world_size": rt.world_size,
-                 "tokens_seen": tokens_before + (step - start_step) * tokens_per_step,
+                 "tokens_seen": tokens_seen(step),
                  "grad_scaler": scaler.state_dict(), "compiled": use_compile,
                  "data_position": {"step": step, "seed": cfg.seed}}
         def write(folder: Path):
@@ -431,7 +435,7 @@ def run(cfg: PretrainConfig) -> dict:
         tps = [r["tokens_per_s"] for r in rows[1:]] or [r["tokens_per_s"] for r in rows]
         summary = {
             "steps": step, "parameters": n_params, "context": context, "tokens_per_step": tokens_per_step,
-            "tokens_seen": tokens_before + (step - start_step) * tokens_per_step, "precision": precision,
+            "tokens_seen": tokens_seen(step), "precision": precision,
             "train_seconds_this_invocation": round(train_seconds, 1),
             "median_tokens_per_s": float(np.median(tps)) if tps else None,
             "final_train_loss": next((r["loss"] for r in reversed(rows)), None),

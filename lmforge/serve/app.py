@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hmac
 import json
 import math
@@ -446,13 +447,18 @@ def _encode_prompt(state: State, text: str) -> list[int]:
         start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         return [start if start is not None else 0]
     ids = list(tok(text)["input_ids"])  # BOS where the tokenizer is configured to add one
-    # a tokenizer that appends EOS would end the text before it starts. Asked of the tokenizer itself: the
-    # chat set-up may have made the end of turn its eos_token, which is not what its post-processor appends
-    probe, bare = tok("a")["input_ids"], tok("a", add_special_tokens=False)["input_ids"]
-    appended = probe[-1] if probe and bare and probe[-1] != bare[-1] else None
+    appended = _appended_token(tok)  # a tokenizer that appends EOS would end the text before it starts
     if len(ids) > 1 and appended is not None and ids[-1] == appended:
         ids = ids[:-1]
     return ids or [tok.eos_token_id or 0]
+
+
+@functools.lru_cache(maxsize=8)
+def _appended_token(tok) -> int | None:
+    """The special token `tok` appends to every text, if any (asked once per tokenizer). Asked of the tokenizer
+    itself: the chat set-up may have made the end of turn its eos_token, not what its post-processor appends."""
+    probe, bare = tok("a")["input_ids"], tok("a", add_special_tokens=False)["input_ids"]
+    return probe[-1] if probe and bare and probe[-1] != bare[-1] else None
 
 
 def _completion_prompts(state: State, prompt) -> list[list[int]]:

@@ -828,21 +828,18 @@ def load_served(path: Path, *, device: str = "cpu", precision: str = "auto", max
     tokenizer = load_tokenizer(path)
     if kind == "causal-lm" or (kind == "seq2seq" and not is_s2s):
         return _load_causal(path, tokenizer, dev, prec, kind, extras, max_batch, max_queue, step_delay)
-    dtype = torch.bfloat16 if prec == "bf16" else torch.float32
-    kw = dict(use_safetensors=True, dtype=dtype)
-    try:
-        if kind == "classifier":
-            from transformers import AutoModelForSequenceClassification as Auto
-        elif kind == "qa":
-            from transformers import AutoModelForQuestionAnswering as Auto
-        elif kind == "seq2seq":
-            from transformers import AutoModelForSeq2SeqLM as Auto
-        else:
-            from transformers import AutoModel as Auto
-        model = Auto.from_pretrained(str(path), **kw).to(dev).eval()
-    except Exception as e:
-        raise LmforgeError(f"{path}: cannot load as {kind} ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    from lmforge.tasks.base import dtype_kw, load_pretrained
+
+    if kind == "classifier":
+        from transformers import AutoModelForSequenceClassification as Auto
+    elif kind == "qa":
+        from transformers import AutoModelForQuestionAnswering as Auto
+    elif kind == "seq2seq":
+        from transformers import AutoModelForSeq2SeqLM as Auto
+    else:
+        from transformers import AutoModel as Auto
+    model = load_pretrained(Auto, path, **dtype_kw(torch.bfloat16 if prec == "bf16" else torch.float32))
+    model = model.to(dev).eval()
     ctx = int(getattr(model.config, "max_position_embeddings", 0) or 512)
     tok_max = getattr(tokenizer, "model_max_length", None)
     if isinstance(tok_max, int) and 0 < tok_max < ctx:

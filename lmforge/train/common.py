@@ -75,15 +75,8 @@ class Runtime:
             self.agree([0])
             return
         if self.agree([0])[0]:
-            raise RankStopped()
+            raise LmforgeError("stopped: rank 0 failed")  # rank 0 says why; the CLI prints only rank 0's errors
         yield
-
-
-class RankStopped(LmforgeError):
-    """A rank other than 0 stops because rank 0 failed (rank 0 says why; the CLI prints nothing for it)."""
-
-    def __init__(self):
-        super().__init__("stopped: rank 0 failed")
 
 
 class StopOnSignal:
