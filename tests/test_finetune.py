@@ -297,6 +297,15 @@ def test_resume_matches_uninterrupted(tiny_bert, sentiment, tmp_path):
     res = cli("finetune", "--out", b, "--resume", "--no-progress")
     assert res.code == 0 and "finished run" in res.out and "validation" not in res.out, res.out
     assert before == {p.name: p.stat().st_mtime_ns for p in (b / "metrics.json", b / "predictions.jsonl", b / "final")}
+    # a kill between the two renames that replace DIR/final: its only copy is .old-final-PID, beside an
+    # unfinished .tmp-final-*; --resume puts it back and clears the rest
+    (b / "final").rename(b / ".old-final-4242")
+    (b / ".tmp-final-abc_12de").mkdir()
+    (b / ".tmp-final-2-abc_12de").mkdir()  # another folder's (final-2): not this one's to touch
+    res = cli("finetune", "--out", b, "--resume", "--no-progress")
+    assert res.code == 0 and "finished run" in res.out, res.out
+    assert (b / "final" / "config.json").exists()
+    assert sorted(p.name for p in b.glob(".*")) == [".tmp-final-2-abc_12de"]
 
 
 def test_a_stop_after_an_evaluation_saves_once_and_damage_is_named(tiny_bert, sentiment, tmp_path, monkeypatch):

@@ -327,6 +327,46 @@ def test_a_reply_starting_with_whitespace_is_trained_on_the_prompt_inference_sen
     assert merged  # the case arises with this tokenizer: whole-text tokens do run across the boundary
 
 
+@pytest.mark.parametrize("template", ["chatml", "plain"])
+def test_every_later_turn_is_trained_on_the_prompt_inference_encodes(ws_tok_dir, template):
+    """In a multi-turn chat, an earlier reply starting with whitespace keeps the tokens it was trained as in every
+    later prompt, in training and in encode_prompt (predict, chat, serve) alike; tokenizing the whole history at
+    once would merge that whitespace into the template's newline, a prompt the model never saw."""
+    import random
+
+    from lmforge.tasks.sft import (detect_end_of_turn, encode_prompt, encode_text, plain_chat_template, render,
+                                   setup_chat)
+
+    tok = _tokenizer(ws_tok_dir)
+    if template == "plain":
+        tok.chat_template = plain_chat_template(tok.eos_token)
+    setup_chat(tok)
+    end_id = tok.convert_tokens_to_ids(detect_end_of_turn(tok) or tok.eos_token)
+    rng = random.Random(0)
+    pieces = ["Hello", " world", "\n", "\n\n", "  ", "Paris is the capital.", " no", "\t", "ok ", "Blue"]
+    whole_differs = 0
+    for _ in range(60):
+        msgs = []
+        for _ in range(rng.randint(2, 4)):
+            msgs += [{"role": role, "content": "".join(rng.choice(pieces) for _ in range(rng.randint(1, 4)))}
+                     for role in ("user", "assistant")]
+        f = encode_conversation(tok, msgs, end_id)
+        labels = f["labels"]
+        starts = [k for k in range(len(labels)) if labels[k] != -100 and (k == 0 or labels[k - 1] == -100)]
+        replies = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        assert len(starts) == len(replies)
+        for k, i in zip(starts, replies):
+            assert f["input_ids"][:k] == encode_prompt(tok, msgs[:i]), (msgs, i)
+            whole_differs += encode_text(tok, render(tok, msgs[:i], add_generation_prompt=True)) != f["input_ids"][:k]
+    assert whole_differs  # the case arises: whole-text tokens of the history are not what was trained
+    from types import SimpleNamespace
+
+    from lmforge.serve.app import _chat_prompt
+
+    served = SimpleNamespace(served=SimpleNamespace(tokenizer=tok, context_length=4096))
+    assert _chat_prompt(served, msgs[:replies[-1]]) == f["input_ids"][:starts[-1]]
+
+
 def _with_specials(tok, template, *specials):
     tok.add_special_tokens({"additional_special_tokens": list(specials)})
     tok.chat_template = template
@@ -416,7 +456,7 @@ def test_a_system_message_goes_into_the_first_user_turn_where_the_template_has_n
 
     from lmforge.serve.app import _chat_prompt
 
-    assert _chat_prompt(SimpleNamespace(served=SimpleNamespace(tokenizer=tok)), msgs[:2]) == trained_prompt
+    assert _chat_prompt(SimpleNamespace(served=SimpleNamespace(tokenizer=tok, context_length=2048)), msgs[:2]) == trained_prompt
 
 
 def test_a_conversation_the_template_rejects_is_a_clear_error(tok_dir):

@@ -108,16 +108,15 @@ class Chat:
     # -------------------------------------------------------------------------------------- prompt
 
     def encode(self, messages: list[dict]) -> list[int]:
-        from lmforge.tasks.sft import encode_text, render
+        from lmforge.tasks.sft import encode_prompt
 
         try:
-            text = render(self.tokenizer, messages, add_generation_prompt=True)
+            return encode_prompt(self.tokenizer, messages, limit=self.budget)
         except Exception as e:  # a template that rejects the conversation (e.g. no system role)
             if messages and messages[0]["role"] == "system":
                 raise _SystemRejected() from e
             raise LmforgeError(f"the model's chat template rejects the conversation "
                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-        return encode_text(self.tokenizer, text)
 
     def prompt_ids(self) -> list[int]:
         """Token ids of system + turns + the generation prompt, within the budget: the oldest turns go

@@ -357,6 +357,10 @@ def run(cfg: FinetuneConfig) -> dict:
     check_out_dir(out)
     if not cfg.resume:
         ckpt.refuse_earlier_run(out)
+    if cfg.resume:
+        with rt.main_first():  # a kill while DIR/final was being replaced left it under a temp name
+            if rt.is_main:
+                ckpt.tidy_leftovers(out, "final")
     if cfg.resume and (out / "final").is_dir() and (out / "metrics.json").exists():
         # written last: the run is done, and resuming would only evaluate (for sft and translate, generate) again
         print(f"{out} is a finished run (its model is {out / 'final'}): nothing to resume. To train further, "

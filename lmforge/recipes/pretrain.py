@@ -145,6 +145,10 @@ def run(cfg: PretrainConfig) -> dict:
     check_out_dir(out)
     if not cfg.resume:
         ckpt.refuse_earlier_run(out)
+    if cfg.resume:
+        with rt.main_first():  # a kill while DIR/final was being replaced left it under a temp name
+            if rt.is_main:
+                ckpt.tidy_leftovers(out, "final")
     if cfg.resume and (out / "final" / "config.json").exists():
         # DIR/final is written last: the run is done. Resuming from its last checkpoint would train past the
         # --max-minutes stop (which saves none) without a budget and replace DIR/final and metrics.json.

@@ -507,7 +507,7 @@ def _chat_messages(messages: list[S.ChatMessage]) -> list[dict]:
 
 
 def _chat_prompt(state: State, messages: list[dict]) -> list[int]:
-    from lmforge.tasks.sft import encode_text, render_accepted
+    from lmforge.tasks.sft import encode_prompt, render_accepted
 
     tok = state.served.tokenizer
     if not getattr(tok, "chat_template", None):
@@ -516,10 +516,11 @@ def _chat_prompt(state: State, messages: list[dict]) -> list[int]:
     try:
         # a system message that the template has no role for (Gemma) goes into the first user turn, as in
         # fine-tuning and lmforge chat
-        text, _ = render_accepted(tok, messages, add_generation_prompt=True)
+        _, messages = render_accepted(tok, messages, add_generation_prompt=True)
     except LmforgeError as e:  # templates raise on conversations they do not accept (e.g. role order)
         raise APIError(400, f"messages: {str(e)[:300]}", "messages", "invalid_value") from None
-    ids = encode_text(tok, text)
+    # the earlier replies keep the tokens they were trained as (a reply's leading newline stays its own)
+    ids = encode_prompt(tok, messages, limit=state.served.context_length)
     return ids or [tok.eos_token_id or 0]
 
 

@@ -318,40 +318,108 @@ def assistant_spans(tokenizer, messages: list[dict], ids: list[int], text: str) 
     return spans, exact
 
 
-def turnwise_ids(tokenizer, messages: list[dict], text: str, ids: list[int]):
-    """(ids, assistant spans) of the rendered chat `text`, tokenized turn by turn: each reply's prompt exactly as
-    inference encodes it (template(messages[:i], add_generation_prompt)), then the reply. For when the whole
-    text's tokens run across that boundary: ChatML's 'assistant\n' and a reply starting with a newline or
-    spaces (indented code) merge into one token, so the prompt a served model gets would never be seen in
-    training. A later turn's prompt keeps the earlier replies' tokens as trained, so it can differ from the whole
-    prompt's tokens there. None where the pieces do not join up (a template that rewrites earlier turns, a
-    tokenizer that spells a piece differently on its own)."""
+def _extend(tokenizer, built: list[int], done: int, text: str) -> list[int]:
+    """Tokens of `text`, whose first `done` characters are already tokenized as `built`: the whole text's tokens
+    where they start with `built`, else `built` and then the rest's own tokens."""
+    whole = encode_text(tokenizer, text)
+    if whole[:len(built)] == built:
+        return whole
+    return built + encode_text(tokenizer, text[done:])
+
+
+def _turnwise(tokenizer, messages: list[dict], text: str) -> tuple[list[int], list[tuple[int, int]], int] | None:
+    """(ids, assistant spans, characters of `text` covered) of `text` (starting with the rendered `messages`),
+    tokenized turn by turn: each reply's prompt is template(messages[:i], add_generation_prompt) continued
+    from the turns before as they were tokenized, then the reply. None where the pieces do not join up."""
     built: list[int] = []
     spans = []
     done = 0  # characters of `text` covered so far
+    specials = _special_ids(tokenizer)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         if i == 0:
             return None
-        prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = render(tokenizer, messages[:i + 1])
+        try:
+            prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
+            upto = render(tokenizer, messages[:i + 1])
+        except Exception:  # a template that rejects a partial conversation: no turn-by-turn tokens
+            return None
         if not (text.startswith(prefix) and text.startswith(upto) and done <= len(prefix) < len(upto)):
             return None
-        prompt = encode_text(tokenizer, prefix)
-        if prompt[:len(built)] != built:
-            # an earlier reply tokenizes otherwise inside this longer text (its leading spaces merge with the
-            # template's newline): keep the tokens it was trained with, so that its labels still start right
-            # after its header, and encode only what follows it
-            prompt = built + encode_text(tokenizer, prefix[done:])
-        built = prompt + encode_text(tokenizer, upto[len(prefix):])
-        spans.append((len(prompt), len(built)))
+        prompt = _extend(tokenizer, built, done, prefix)
+        built = _extend(tokenizer, prompt, len(prefix), upto)
+        if len(built) <= len(prompt):
+            return None
         done = len(upto)
+        # what the template writes after the reply's end-of-turn token (ChatML's and the plain template's
+        # newlines) is not the model's to write: it is tokenized with the next prompt, as in the whole text
+        last = max((k for k in range(len(prompt), len(built)) if built[k] in specials), default=None)
+        if last is not None and last + 1 < len(built):
+            tail = tokenizer.decode(built[last + 1:])
+            if tail and upto.endswith(tail) and len(upto) - len(tail) > len(prefix):
+                built, done = built[:last + 1], len(upto) - len(tail)
+        spans.append((len(prompt), len(built)))
+    return built, spans, done
+
+
+def turnwise_ids(tokenizer, messages: list[dict], text: str, ids: list[int]):
+    """(ids, assistant spans) of the rendered chat `text`, tokenized turn by turn (_turnwise). For when the whole
+    text's tokens run across a turn boundary: ChatML's 'assistant\n' and a reply starting with a newline or
+    spaces (indented code) merge into one token, so the prompt a served model gets would never be seen in
+    training. An earlier reply keeps its tokens in later turns' prompts, and encode_prompt gives inference the
+    same ones. None where the pieces do not join up (a template that rewrites earlier turns, a tokenizer that
+    spells a piece differently on its own)."""
+    found = _turnwise(tokenizer, messages, text)
+    if found is None:
+        return None
+    built, spans, done = found
     if done < len(text):
         built += encode_text(tokenizer, text[done:])
     if tokenizer.decode(built) != tokenizer.decode(ids):
         return None
     return built, spans
+
+
+def _replies_aligned(messages: list[dict], text: str, offsets) -> bool:
+    """Whether every assistant reply in `text` starts and ends on a token boundary of its whole-text tokens
+    (`offsets`): then turn-by-turn tokens are the whole text's, with no prefix to re-encode. Every message is
+    found in order, so that a reply is not matched inside the user turn before it; a reply starting with
+    whitespace (the case that merges with the template's newline, and could be found at that newline) is never
+    taken as aligned."""
+    starts = {s for s, _ in offsets}
+    ends = {e for _, e in offsets}
+    at = 0
+    for m in messages:
+        content = m["content"]
+        if not isinstance(content, str) or not content:
+            continue
+        found = text.find(content, at)
+        if found < 0:
+            return False
+        at = found + len(content)
+        if m["role"] == "assistant" and (content[0].isspace() or found not in starts or at not in ends):
+            return False
+    return True
+
+
+def encode_prompt(tokenizer, messages: list[dict], limit: int | None = None) -> list[int]:
+    """Token ids of template(messages, add_generation_prompt), as fine-tuning tokenized the prompt for a reply:
+    the earlier replies keep the tokens they were trained (and generated) as, where tokenizing the whole text
+    at once would merge a reply's leading whitespace into the template's newline. `messages` as the template
+    accepts them (render_accepted). Used by predict, chat and serve so that a later turn's prompt is one the
+    model saw in training. A prompt of more than `limit` tokens (one the caller refuses or cuts anyway) is
+    tokenized whole: turn by turn costs an encoding per turn."""
+    text = render(tokenizer, messages, add_generation_prompt=True)
+    whole, offsets = encode_text(tokenizer, text, offsets=True)
+    if (not any(m["role"] == "assistant" for m in messages) or (limit is not None and len(whole) > limit)
+            or _replies_aligned(messages, text, offsets)):
+        return whole
+    found = _turnwise(tokenizer, messages, text)
+    if found is None:
+        return whole
+    built, _, done = found
+    return _extend(tokenizer, built, done, text)
 
 
 def encode_conversation(tokenizer, messages: list[dict], end_id: int, max_length: int | None = None,
@@ -494,7 +562,7 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_
     """The model's (greedy) next assistant reply to each conversation, in batches, for `lmforge predict`."""
     model.eval()
     end_ids = end_token_ids(tokenizer, model, detect_end_of_turn(tokenizer))
-    prompts = [encode_text(tokenizer, render_accepted(tokenizer, m, add_generation_prompt=True)[0])
+    prompts = [encode_prompt(tokenizer, render_accepted(tokenizer, m, add_generation_prompt=True)[1])
                for m in conversations]
     outs = generate_batch(model, tokenizer, prompts, end_ids, max_new_tokens, num_beams, batch_size=batch_size)
     return [tokenizer.decode(new, skip_special_tokens=True).strip() for new in outs]
@@ -616,8 +684,8 @@ class SFTTask(Task):
             prompts, refs, shown = [], [], []
             for row in samples:
                 context, reference = split_for_generation(row["messages"])
-                text, _ = render_accepted(self.tokenizer, context, add_generation_prompt=True)
-                ids = encode_text(self.tokenizer, text)
+                _, context = render_accepted(self.tokenizer, context, add_generation_prompt=True)
+                ids = encode_prompt(self.tokenizer, context)
                 prompts.append(ids[-self.max_length:])
                 refs.append(reference)
                 shown.append(next((m["content"] for m in reversed(context) if m["role"] != "assistant"), ""))

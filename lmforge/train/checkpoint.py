@@ -13,6 +13,7 @@ State is saved with `torch.save` and read back with `torch.load(weights_only=Tru
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -43,9 +44,11 @@ def set_rng_state(state: dict | list[dict], rank: int = 0) -> None:
 
 
 def write_folder_atomic(dest: str | Path, write: Callable[[Path], None]) -> Path:
-    """Fill a temp folder beside `dest` with `write(tmp)`, then swap it into place."""
+    """Fill a temp folder beside `dest` with `write(tmp)`, then swap it into place. What an earlier kill
+    mid-write left for `dest` is tidied first (tidy_leftovers)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    tidy_leftovers(dest.parent, dest.name)
     tmp = temp_folder(dest.parent, f".tmp-{dest.name}-")
     try:
         write(tmp)
@@ -62,20 +65,24 @@ def write_folder_atomic(dest: str | Path, write: Callable[[Path], None]) -> Path
     return dest
 
 
-def _tidy(root: Path) -> None:
-    """Undo what a kill mid-save left in `root`: a checkpoint being replaced sits in .old-NAME-PID until its
-    successor is in place, so one without a NAME beside it is the only copy and goes back; .tmp-* folders are
-    unfinished writes (one process saves at a time), each a model's worth of disk."""
-    if not root.is_dir():
+def tidy_leftovers(parent: Path, name: str | None = None) -> None:
+    """Undo what a kill mid-write_folder_atomic left in `parent` for the folder `name` (None: every step-*
+    checkpoint): a folder being replaced sits in .old-NAME-PID until its successor is in place, so one without
+    a NAME beside it is the only copy and goes back; .tmp-NAME-* folders are unfinished writes (one process
+    writes a run's folders at a time), each a model's worth of disk."""
+    if not parent.is_dir():
         return
-    for old in root.glob(".old-step-*"):
-        name = old.name[len(".old-"):].rsplit("-", 1)[0]
-        if (root / name).exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(old, root / name)
-    for tmp in root.glob(".tmp-step-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    stem = re.escape(name) if name is not None else r"step-\d+"
+    for entry in sorted(parent.iterdir()):
+        old = re.fullmatch(rf"\.old-({stem})-\d+", entry.name)
+        if old and entry.is_dir():
+            if (parent / old[1]).exists():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                os.replace(entry, parent / old[1])
+    for entry in parent.iterdir():
+        if re.fullmatch(rf"\.tmp-({stem})-[a-z0-9_]+", entry.name) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def save_checkpoint(out_dir: str | Path, step: int, write_model: Callable[[Path], None], trainer_state: dict,
@@ -85,7 +92,7 @@ def save_checkpoint(out_dir: str | Path, step: int, write_model: Callable[[Path]
     The newest `keep` checkpoints survive, plus any named in `protect` (e.g. the best one so far)."""
     root = Path(out_dir) / "checkpoints"
     name = f"step-{step:06d}"
-    _tidy(root)
+    tidy_leftovers(root)
 
     def write(folder: Path):
         write_model(folder)
@@ -107,7 +114,7 @@ def save_checkpoint(out_dir: str | Path, step: int, write_model: Callable[[Path]
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     root = Path(out_dir) / "checkpoints"
-    _tidy(root)
+    tidy_leftovers(root)
     marker = root / "latest"
     if marker.exists():
         path = root / marker.read_text().strip()
