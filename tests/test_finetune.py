@@ -308,6 +308,25 @@ def test_resume_matches_uninterrupted(tiny_bert, sentiment, tmp_path):
     assert sorted(p.name for p in b.glob(".*")) == [".tmp-final-2-abc_12de"]
 
 
+def test_resume_refuses_training_data_that_changed(tiny_bert, sentiment, tmp_path):
+    """A checkpoint's data position indexes its own data set's order: on edited data it would repeat or skip
+    examples, so --resume names the change instead."""
+    train, val = sentiment
+    mine = tmp_path / "train.jsonl"
+    mine.write_text(train.read_text())
+    out = tmp_path / "run"
+    res = cli("finetune", "--task", "classify", "--model", tiny_bert, "--train", mine, "--validation", val,
+              "--out", out, "--batch-size", "4", "--epochs", "2", "--no-progress", "--stop-after-steps", "2")
+    assert res.code == 0, res.err
+    with mine.open("a") as f:
+        f.write(json.dumps({"text": "One more review, added after the stop.", "label": "pos"}) + "\n")
+    assert_user_error(cli("finetune", "--out", out, "--resume", "--no-progress"), "training data", "step-000002",
+                      "not what", "start a new run")
+    mine.write_text(train.read_text())  # the data as it was: the run goes on
+    res = cli("finetune", "--out", out, "--resume", "--no-progress")
+    assert res.code == 0 and "resuming from" in res.out, res.err
+
+
 def test_a_stop_after_an_evaluation_saves_once_and_damage_is_named(tiny_bert, sentiment, tmp_path, monkeypatch):
     from lmforge.train import checkpoint as ckpt
 

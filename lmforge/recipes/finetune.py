@@ -420,6 +420,12 @@ def run(cfg: FinetuneConfig) -> dict:
         # fail now, before anything is written to --out, not after training.
         task.features(loaded, train=False)
     lengths = [len(f["input_ids"]) for f in feats]
+    # what a checkpoint's data position refers to: the feature count and lengths (cheap to hash, and changed by
+    # nearly any edit of the data) of the training set it was made on
+    import hashlib
+
+    train_data = {"features": len(feats),
+                  "lengths_sha1": hashlib.sha1(",".join(map(str, lengths)).encode()).hexdigest()[:16]}
     batch_size = cfg.batch_size or task.default_batch_size
     # An optimizer step takes world_size x grad_accum batches of the epoch's seeded order (under torchrun each
     # rank every world_size-th one); the epoch's last step may take fewer (see the loop), none is dropped.
@@ -468,6 +474,14 @@ def run(cfg: FinetuneConfig) -> dict:
             again = "lmforge" if world == 1 else f"torchrun --nproc-per-node {world} -m lmforge"
             raise LmforgeError(f"--resume: {resume_from} was trained by {world} process(es); it continues exactly "
                                f"only with as many (this is {rt.world_size}): {again} finetune --out {out} --resume")
+        was = state.get("train_data")
+        if was is not None and was != train_data:
+            # its epoch/batch position indexes another data set's order: continuing would repeat or skip examples
+            raise LmforgeError(f"--resume: the training data ({train.source}: {len(feats):,} features) is not what "
+                               f"{resume_from} was trained on ({was['features']:,} features"
+                               f"{', other lengths' if was['features'] == len(feats) else ''}); a run resumes only "
+                               f"on its own data. To go on training on this data, start a new run from that "
+                               f"checkpoint: lmforge finetune --model {resume_from} --out NEW_DIR ...")
         load_optimizer_state(model, optimizer, state["optimizer"], sharded)
         plan["max_steps"] = state["max_steps"]
         scheduler.load_state_dict(state["scheduler"])
@@ -542,6 +556,7 @@ def run(cfg: FinetuneConfig) -> dict:
             return None
         state = {"optimizer": optim_state if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": rngs, "step": step, "max_steps": plan["max_steps"], "world_size": rt.world_size,
+                 "train_data": train_data,
                  "best": best, "history": history, "grad_scaler": scaler.state_dict(),
                  "loss_window": list(window), "zero_shot": zero_shot,
                  "progress": {"train_seconds": before["train_seconds"] + elapsed, "samples": before["samples"] + seen},
