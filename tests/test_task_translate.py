@@ -1,5 +1,6 @@
 """Translate task: encoder-decoder (tiny T5, tiny Marian) and decoder-only (tiny Llama) features, masking,
-zero-shot evaluation, and a T5 overfit to BLEU 100."""
+zero-shot evaluation, and a T5 overfit to BLEU 100; multilingual models (tiny NLLB, mBART-50, M2M100) and their
+language codes in features, generation and DIR/final."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_user_error, cli
 
 from lmforge.data.labelled import load_examples
 from lmforge.recipes.finetune import FinetuneConfig
@@ -19,8 +21,6 @@ PAIRS = [
     ("And the evening and the morning were the first day.", "Y fue la tarde y la mañana un día."),
 ]
 TEXT = "\n".join(f"{en}\n{es}" for en, es in PAIRS) * 20 + "\nTranslate English to Spanish: Spanish English"
-
-
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +226,241 @@ def test_custom_prompt_template_is_checked(tok_dir, data_file):
     task._make_prompter()
     assert task.prompter.style == "template" and task.prompter.template == "{source_lang}: {source}\n{target_lang}:"
     assert task.prompter.feature("Hi", "Hola")["labels"][-1] == tok.eos_token_id
+
+
+# ---- multilingual seq2seq models: no checkpoint offline, so random 2-layer ones with tokenizers built here that
+# hold their language codes as the released ones do (NLLB's 202 FLORES codes, mBART-50's 52, M2M100's 100)
+
+def _nllb_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import NllbTokenizer
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]  # NLLB's ids 0-3
+    bpe.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False))
+    model = json.loads(bpe.to_str())["model"]
+    return NllbTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
+
+
+def _unigram_vocab():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    uni = Tokenizer(models.Unigram())
+    uni.pre_tokenizer = pre_tokenizers.Metaspace()
+    uni.train_from_iterator([TEXT], trainers.UnigramTrainer(vocab_size=300, unk_token="<unk>", show_progress=False,
+                                                            special_tokens=["<s>", "<pad>", "</s>", "<unk>"]))
+    return [tuple(v) for v in json.loads(uni.to_str())["model"]["vocab"]]
+
+
+def _mbart50_tokenizer():
+    from transformers import MBart50Tokenizer
+
+    return MBart50Tokenizer(vocab=_unigram_vocab())
+
+
+def _m2m100_tokenizer(folder):
+    spm = pytest.importorskip("sentencepiece")  # M2M100's tokenizer has no tokenizers-backed version
+    from transformers import M2M100Tokenizer
+    from transformers.models.m2m_100.tokenization_m2m_100 import FAIRSEQ_LANGUAGE_CODES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT.splitlines()), model_prefix=str(folder / "sp"),
+                                   vocab_size=200, model_type="bpe", bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0,
+                                   minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "sp.model"))
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for i in range(sp.get_piece_size()):
+        vocab.setdefault(sp.id_to_piece(i), len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    # as the released tokenizer lists them: special, with the ids (after the vocabulary) its lang_code_to_id has
+    codes = [f"__{c}__" for c in FAIRSEQ_LANGUAGE_CODES["m2m100"]]
+    return M2M100Tokenizer(str(folder / "vocab.json"), str(folder / "sp.model"), extra_special_tokens=codes)
+
+
+# the tokens of en and es, and those codes as src_lang/tgt_lang take them
+MULTILINGUAL = {"nllb": ("eng_Latn", "spa_Latn", "eng_Latn", "spa_Latn"),
+                "mbart50": ("en_XX", "es_XX", "en_XX", "es_XX"), "m2m100": ("__en__", "__es__", "en", "es")}
+
+
+def _multilingual_folder(family, folder):
+    """A tiny model of `family` with its tokenizer, saved in `folder`."""
+    from transformers import M2M100Config, M2M100ForConditionalGeneration, MBartConfig, MBartForConditionalGeneration
+
+    tok = {"nllb": _nllb_tokenizer, "mbart50": _mbart50_tokenizer}.get(family, lambda: _m2m100_tokenizer(folder))()
+    # M2M100's language ids follow its vocabulary, outside what get_vocab() lists
+    vocab_size = max([*tok.get_vocab().values(), *getattr(tok, "lang_code_to_id", {0: 0}).values()]) + 1
+    dims = dict(vocab_size=vocab_size, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                decoder_start_token_id=tok.eos_token_id)  # as the released ones: the decoder starts with </s>
+    torch.manual_seed(0)
+    if family == "mbart50":
+        model = MBartForConditionalGeneration(MBartConfig(**dims))
+    else:
+        model = M2M100ForConditionalGeneration(M2M100Config(**dims))
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module", params=list(MULTILINGUAL))
+def multilingual(request, tmp_path_factory):
+    """(family, folder with a tiny model and its tokenizer, en token, es token, en code, es code)."""
+    return (request.param, _multilingual_folder(request.param, tmp_path_factory.mktemp(request.param)),
+            *MULTILINGUAL[request.param])
+
+
+def _first_generated(model):
+    """Wrap model.generate to record what it returns: its first columns are the decoder's start and the token
+    forced after it."""
+    seen = []
+    generate = model.generate
+
+    def spy(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        seen.append(out)
+        return out
+
+    model.generate = spy
+    return seen
+
+
+def test_multilingual_features_mark_source_and_target_languages(multilingual, data_file):
+    family, folder, en, es, en_code, es_code = multilingual
+    tok = _tokenizer(folder)
+    en_id, es_id = tok.convert_tokens_to_ids([en, es])
+    task, loaded = _task(tok, data_file)
+    model = task.load_model(folder)
+    f = task.features(loaded, train=True)[0]
+    assert f["input_ids"][0] == en_id and f["labels"][0] == es_id  # not the tokenizer's default target language
+    # exactly where the tokenizer itself puts the codes when told the languages
+    ref = _tokenizer(folder)
+    ref.src_lang, ref.tgt_lang = en_code, es_code
+    expected = ref(PAIRS[0][0], text_target=PAIRS[0][1])
+    assert f["input_ids"] == expected["input_ids"] and f["labels"] == expected["labels"]
+    assert f["labels"].count(tok.eos_token_id) == 1 and f["labels"][-1] == tok.eos_token_id
+    assert torch.isfinite(model(**task.collate(task.features(loaded, train=True))).loss)
+    extras = task.config_extras()
+    assert (extras["source_code"], extras["target_code"]) == (en_code, es_code)
+
+
+def test_multilingual_generation_forces_the_target_code(multilingual, data_file):
+    family, folder, en, es, en_code, es_code = multilingual
+    tok = _tokenizer(folder)
+    es_id = tok.convert_tokens_to_ids(es)
+    task, loaded = _task(tok, data_file)
+    model = task.load_model(folder).eval()
+    seen = _first_generated(model)
+    task.cfg.max_new_tokens = 3
+    res = task.evaluate(model, _subset(loaded, 2), contextlib.nullcontext, "cpu", 2)  # evaluate, finetune
+    assert res.metrics["n"] == 2
+    # serve's /v1/translate and predict on a folder without lmforge's extras: the languages alone
+    translate(model, _tokenizer(folder), [PAIRS[0][0]], source_lang="en", target_lang="es", prompt_style="seq2seq",
+              max_new_tokens=3)
+    assert len(seen) == 2
+    for out in seen:
+        assert (out[:, 0] == model.config.decoder_start_token_id).all()  # </s> as configured: untouched
+        assert (out[:, 1] == es_id).all()
+    assert all(es not in p["prediction"] for p in res.predictions)  # a special token: not in the text
+
+
+def test_multilingual_language_codes_can_be_named(multilingual, data_file):
+    from lmforge.errors import LmforgeError
+
+    family, folder, en, es, en_code, es_code = multilingual
+    tok = _tokenizer(folder)
+    target, token = {"nllb": ("zho_Hant",) * 2, "mbart50": ("zh_CN",) * 2, "m2m100": ("zh", "__zh__")}[family]
+    task, loaded = _task(tok, data_file, target_lang=target)
+    task.load_model(folder)
+    assert task.features(loaded, train=True)[0]["labels"][0] == tok.convert_tokens_to_ids(token)
+    assert task.prompter.langs.target == target and task.target_name == "Chinese"
+    assert bleu_tokenize(task.target_code) == "zh"
+    if family == "nllb":  # a script with the language picks among its codes; ISO 639-3 works too
+        task, _ = _task(tok, data_file, source_lang="spa", target_lang="zh-Hant")
+        task.load_model(folder)
+        assert (task.prompter.langs.source, task.prompter.langs.target) == ("spa_Latn", "zho_Hant")
+    with pytest.raises(LmforgeError, match=r"no language code for 'klingon'.*--target-lang"):
+        task, _ = _task(tok, data_file, target_lang="klingon")
+        task.load_model(folder)
+
+
+@pytest.fixture(scope="module")
+def nllb(tmp_path_factory):
+    return _multilingual_folder("nllb", tmp_path_factory.mktemp("nllb_cli"))
+
+
+def test_nllb_finetune_saves_a_model_that_translates_into_the_target_language(nllb, tmp_path):
+    import yaml
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"en": en, "es": es}, ensure_ascii=False) + "\n" for en, es in PAIRS * 2))
+    out = tmp_path / "run"
+    res = cli("finetune", "--task", "translate", "--model", nllb, "--train", data, "--validation", data,
+              "--out", out, "--max-steps", "2", "--batch-size", "4", "--no-progress", "--max-new-tokens", "3")
+    assert res.code == 0, res.err
+    final = out / "final"
+    tok = AutoTokenizer.from_pretrained(str(final))  # plain transformers from here on
+    spa = tok.convert_tokens_to_ids("spa_Latn")
+    assert json.loads((final / "generation_config.json").read_text())["forced_bos_token_id"] == spa
+    assert (tok.src_lang, tok.tgt_lang) == ("eng_Latn", "spa_Latn")
+    extras = yaml.safe_load((final / "lmforge_config.yaml").read_text())
+    assert (extras["source_code"], extras["target_code"]) == ("eng_Latn", "spa_Latn")
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(final))
+    gen = model.generate(**tok([PAIRS[0][0]], return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert gen[0, 0].item() == model.generation_config.decoder_start_token_id and gen[0, 1].item() == spa
+    pred = cli("predict", "--model", out, "--text", PAIRS[0][0], "--max-new-tokens", "3")
+    assert pred.code == 0, pred.err
+    assert "translation" in json.loads(pred.out)
+    ev = cli("evaluate", "--model", out, "--data", data, "--max-new-tokens", "3")
+    assert ev.code == 0, ev.err
+    assert json.loads(ev.out)["n"] == 8
+    # serve's /v1/translate writes what predict writes (the target code forced the same way)
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve import create_app
+
+    with TestClient(create_app(out, device="cpu", precision="fp32")) as tc:
+        r = tc.post("/v1/translate", json={"input": PAIRS[0][0], "max_tokens": 3})
+        assert r.status_code == 200, r.text
+        assert r.json()["data"][0]["translation"] == json.loads(pred.out)["translation"]
+    # LoRA finds NLLB's modules by default
+    res = cli("finetune", "--task", "translate", "--model", nllb, "--train", data, "--out", tmp_path / "lora",
+              "--lora", "--max-steps", "1", "--batch-size", "4", "--no-progress", "--max-new-tokens", "3")
+    assert res.code == 0, res.err
+    assert json.loads((tmp_path / "lora" / "final" / "generation_config.json").read_text())["forced_bos_token_id"] == spa
+
+
+def test_a_language_the_tokenizer_has_no_code_for_is_refused(nllb, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"en": en, "la": "Lorem ipsum dolor."}) + "\n" for en, _ in PAIRS))
+    res = cli("finetune", "--task", "translate", "--model", nllb, "--train", data, "--out", tmp_path / "run",
+              "--max-steps", "1", "--no-progress")
+    assert_user_error(res, "NLLB tokenizer has no language code for Latin ('la')", "eng_Latn", "--target-lang")
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"source": en, "target": es}) + "\n" for en, es in PAIRS))
+    res = cli("finetune", "--task", "translate", "--model", nllb, "--train", plain, "--out", tmp_path / "run2",
+              "--max-steps", "1", "--no-progress")
+    assert_user_error(res, "source and target languages", "--source-lang and --target-lang")
+
+
+def test_mbart_targets_end_with_the_code_that_starts_the_decoder(data_file):
+    # mBART (cc25, en-ro) puts codes after EOS, and its shift_tokens_right wraps the target's round to the front
+    from transformers import MBartConfig, MBartForConditionalGeneration, MBartTokenizer
+
+    tok = MBartTokenizer(vocab=_unigram_vocab())
+    en, es, eos = tok.convert_tokens_to_ids("en_XX"), tok.convert_tokens_to_ids("es_XX"), tok.eos_token_id
+    task, loaded = _task(tok, data_file)
+    task._set_arch({"is_encoder_decoder": True, "model_type": "mbart"})
+    task._make_prompter()
+    f = task.features(loaded, train=True)[0]
+    assert f["input_ids"][-2:] == [eos, en] and f["labels"][-2:] == [eos, es]  # no EOS appended after the code
+    torch.manual_seed(0)
+    model = MBartForConditionalGeneration(MBartConfig(
+        vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id, eos_token_id=eos)).eval()
+    seen = _first_generated(model)
+    translate(model, tok, [PAIRS[0][0]], max_new_tokens=2, **task.config_extras())
+    assert (seen[0][:, 0] == es).all()

@@ -100,6 +100,9 @@ class FinetuneConfig:
     input_field: str | None = opt(None, "sft: the Alpaca-style input field appended to the instruction")
     source_field: str | None = opt(None, "translate: the source-language field (e.g. en)")
     target_field: str | None = opt(None, "translate: the target-language field (e.g. es)")
+    source_lang: str | None = opt(None, "translate: the source language when the fields don't say it, or a "
+                                        "multilingual model's code for it (NLLB eng_Latn, mBART-50 en_XX, M2M100 en)")
+    target_lang: str | None = opt(None, "translate: the target language, as --source-lang (e.g. spa_Latn)")
     # ---- task details
     doc_stride: int = opt(128, "qa: overlap between windows of a long context (tokens; at most half the room "
                                    "a window leaves for the context)", ge=1)
@@ -124,6 +127,8 @@ LORA_TARGETS = {
     "t5": ["q", "k", "v", "o", "wi", "wo", "wi_0", "wi_1"],
     "marian": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "mbart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "m2m_100": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],  # NLLB and M2M100
 }
 
 

@@ -952,7 +952,8 @@ def _translate_seq2seq(state: State, texts: list[str], max_new: int) -> list[str
     finetune = e.get("finetune") or {}
     return translate(s.model, s.tokenizer, texts, source_lang=e.get("source_lang", "en"),
                      target_lang=e.get("target_lang", "es"), prompt_style="seq2seq",
-                     source_prefix=e.get("source_prefix"), num_beams=int(finetune.get("num_beams") or 1),
+                     source_prefix=e.get("source_prefix"), source_code=e.get("source_code"),
+                     target_code=e.get("target_code"), num_beams=int(finetune.get("num_beams") or 1),
                      max_new_tokens=max_new, max_length=int(finetune.get("max_length") or 128))
 
 

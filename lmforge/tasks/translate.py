@@ -1,7 +1,9 @@
-"""Machine translation with an encoder-decoder (T5, Marian, mBART: AutoModelForSeq2SeqLM) or a decoder-only
-model (Llama, SmolLM2, GPT-2: AutoModelForCausalLM), scored with sacreBLEU's BLEU and chrF.
+"""Machine translation with an encoder-decoder (T5, Marian, BART, NLLB, mBART-50, M2M100: AutoModelForSeq2SeqLM)
+or a decoder-only model (Llama, SmolLM2, GPT-2: AutoModelForCausalLM), scored with sacreBLEU's BLEU and chrF.
 
 Encoder-decoder: source -> encoder, target -> labels (T5 gets its "translate English to Spanish: " prefix).
+Multilingual ones (NLLB, mBART-50, M2M100) take language codes instead: the tokenizer's src_lang/tgt_lang mark
+the source and the labels (eng_Latn / en_XX / __en__), and generation forces the target's code first.
 Decoder-only: the source becomes a prompt, the target its continuation, and the loss is on the target (and
 the end token that closes it) only. The prompt is, in order of preference, --prompt-template, the tokenizer's
 chat template (a user turn "Translate from English to Spanish:\\n{source}", the target as the reply), or
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,22 +40,33 @@ LANGUAGES = {
     "ta": "Tamil", "th": "Thai", "tl": "Tagalog", "tr": "Turkish", "uk": "Ukrainian", "ur": "Urdu",
     "vi": "Vietnamese", "zh": "Chinese",
 }
+# ISO 639-3 codes of LANGUAGES, which NLLB's FLORES-200 codes begin with (spa_Latn). Where NLLB codes one variety
+# of a macrolanguage (Standard Arabic arb, Iranian Persian pes, Standard Malay zsm, Bokmål nob...), that comes first.
+ISO639_3 = {
+    "ar": ("arb", "ara"), "bg": ("bul",), "bn": ("ben",), "ca": ("cat",), "cs": ("ces",), "da": ("dan",),
+    "de": ("deu",), "el": ("ell",), "en": ("eng",), "es": ("spa",), "et": ("est", "ekk"), "eu": ("eus",),
+    "fa": ("pes", "fas", "prs"), "fi": ("fin",), "fr": ("fra",), "ga": ("gle",), "gl": ("glg",), "he": ("heb",),
+    "hi": ("hin",), "hr": ("hrv",), "hu": ("hun",), "id": ("ind",), "is": ("isl",), "it": ("ita",),
+    "ja": ("jpn",), "ko": ("kor",), "la": ("lat",), "lt": ("lit",), "lv": ("lvs", "lav"), "ms": ("zsm", "msa"),
+    "nl": ("nld",), "no": ("nob", "nor", "nno"), "pl": ("pol",), "pt": ("por",), "ro": ("ron",), "ru": ("rus",),
+    "sk": ("slk",), "sl": ("slv",), "sr": ("srp",), "sv": ("swe",), "sw": ("swh", "swa"), "ta": ("tam",),
+    "th": ("tha",), "tl": ("tgl",), "tr": ("tur",), "uk": ("ukr",), "ur": ("urd",), "vi": ("vie",),
+    "zh": ("zho", "cmn"),
+}
+_FROM_ISO639_3 = {three: two for two, threes in ISO639_3.items() for three in threes}
 DEFAULT_TEMPLATE = "Translate {source_lang} to {target_lang}:\n{source}\n{target_lang}:"
 CHAT_INSTRUCTION = "Translate from {source_lang} to {target_lang}:\n{source}"
 _CODE = re.compile(r"^([a-z]{2,3})(?:[-_][A-Za-z0-9]+)*$")
 
 
 def language_name(code_or_name: str | None, fallback: str) -> str:
-    """'es' / 'es-MX' / 'spanish' -> 'Spanish'; unknown field names are shown as they are."""
+    """'es' / 'es-MX' / 'spa_Latn' / 'spanish' -> 'Spanish'; unknown field names are shown as they are."""
     if not code_or_name:
         return fallback
     text = str(code_or_name)
-    m = _CODE.match(text.lower())
-    if m and m.group(1) in LANGUAGES:
-        return LANGUAGES[m.group(1)]
-    for name in LANGUAGES.values():
-        if name.lower() == text.lower():
-            return name
+    code = _lang_code(text)
+    if code is not None:
+        return LANGUAGES[code]
     return text if text.lower() not in ("source", "target", "src", "tgt") else fallback
 
 
@@ -62,6 +76,8 @@ def _lang_code(name_or_code: str | None) -> str | None:
     m = _CODE.match(str(name_or_code).lower())
     if m and m.group(1) in LANGUAGES:
         return m.group(1)
+    if m and m.group(1) in _FROM_ISO639_3:  # NLLB's spa_Latn, zho_Hans
+        return _FROM_ISO639_3[m.group(1)]
     for code, name in LANGUAGES.items():
         if name.lower() == str(name_or_code).lower():
             return code
@@ -98,16 +114,128 @@ def read_model_config(path) -> dict | None:
     return None
 
 
+# Tokenizers that code languages as special tokens and read them from src_lang/tgt_lang (and their ...Fast twins,
+# as transformers 4 named them)
+_FAMILIES = {"MBart50Tokenizer": "mBART-50", "MBartTokenizer": "mBART", "NllbTokenizer": "NLLB",
+             "M2M100Tokenizer": "M2M100"}
+_NLLB_CODE = re.compile(r"^[a-z]{3}_[A-Z][a-z]{3}$")
+_SCRIPT_OF_REGION = {"tw": "hant", "hk": "hant", "mo": "hant", "cn": "hans", "sg": "hans"}  # zh-TW: zho_Hant
+
+
+def lang_family(tokenizer) -> str | None:
+    """'NLLB', 'mBART-50', 'mBART' or 'M2M100' for a multilingual tokenizer (NLLB and M2M100 models are both
+    model_type m2m_100, so the tokenizer tells them apart), else None."""
+    for cls in type(tokenizer).__mro__:
+        family = _FAMILIES.get(cls.__name__.removesuffix("Fast"))
+        if family:
+            return family
+    return None
+
+
+def _code_ids(tokenizer) -> dict[str, int]:
+    """{code as src_lang takes it: id of its token}: eng_Latn, en_XX, or en for M2M100's __en__."""
+    known = getattr(tokenizer, "lang_code_to_id", None)  # mBART, M2M100
+    if known:
+        return dict(known)
+    # NLLB lists them as special tokens (a tokenizer.json that doesn't, has them in its vocabulary)
+    codes = ([t for t in tokenizer.all_special_tokens if _NLLB_CODE.match(t)]
+             or sorted(t for t in tokenizer.get_vocab() if _NLLB_CODE.match(t)))
+    return dict(zip(codes, tokenizer.convert_tokens_to_ids(codes)))
+
+
+@dataclass(frozen=True)
+class LangCodes:
+    """A multilingual model's source and target codes, as its tokenizer's src_lang/tgt_lang take them."""
+    family: str
+    source: str
+    target: str
+    target_id: int
+
+    def set_on(self, tokenizer) -> None:
+        """The tokenizer then puts the source's code in input ids and, for text_target, the target's in labels."""
+        if tokenizer.src_lang != self.source:
+            tokenizer.src_lang = self.source  # the setter rebuilds the post-processor: only when it changes
+        tokenizer.tgt_lang = self.target
+
+    def generation(self) -> dict[str, int]:
+        """What tells the decoder the target language, for generate() and the saved generation config."""
+        if self.family == "mBART":
+            # mBART's labels end with the code, which its shift_tokens_right moves to the decoder's start
+            return {"decoder_start_token_id": self.target_id}
+        # NLLB, mBART-50, M2M100: labels begin with the code; the decoder starts with EOS (decoder_start_token_id)
+        # and must be made to say the target's code next, or it writes whichever language it likes
+        return {"forced_bos_token_id": self.target_id}
+
+
+def _pick_code(family: str, codes: dict[str, int], lang: str, option: str | None) -> str:
+    """The tokenizer's code for `lang`: one of its codes in any case (spa_latn), else the code of the language
+    written in ISO 639 (es, es-MX, spa) or by name, picking the script or region given with it (zh-Hant)."""
+    text = str(lang).strip()
+    by_lower = {c.lower(): c for c in codes}
+    m2m = re.fullmatch(r"__(.+)__", text)  # M2M100's token for the code
+    for spelling in (text, m2m and m2m.group(1)):
+        if spelling and spelling.lower() in by_lower:
+            return by_lower[spelling.lower()]
+    iso = _lang_code(text)
+    if iso is not None:
+        candidates = _codes_for(codes, iso)
+        hints = set(re.split(r"[-_]", text.lower())[1:])
+        hints |= {_SCRIPT_OF_REGION[h] for h in hints if h in _SCRIPT_OF_REGION}
+        for c in candidates:
+            if c.lower().split("_")[-1] in hints:
+                return c
+        if candidates:
+            return candidates[0]
+    common = [c for k in ("en", "fr", "de", "es", "zh", "ar", "hi", "ru") for c in _codes_for(codes, k)[:1]]
+    examples = list(dict.fromkeys(common + list(codes)))[:6]
+    what = f"{language_name(text, text)} ('{text}')" if iso else f"'{text}'"
+    fix = f"; set {option} to one of its codes" if option else ""
+    raise LmforgeError(f"the {family} tokenizer has no language code for {what}: it has {', '.join(examples)}"
+                       f"{', ...' if len(codes) > len(examples) else ''} ({len(codes)} codes){fix}")
+
+
+def _codes_for(codes: dict[str, int], iso: str) -> list[str]:
+    """The codes of an ISO 639-1 language: es_XX, es, or NLLB's spa_Latn (zh: zho_Hans, zho_Hant)."""
+    names = (iso, *ISO639_3.get(iso, ()))
+    return [c for name in names for c in codes if c.split("_")[0].lower() == name]
+
+
+def language_codes(tokenizer, source: str | None, target: str | None,
+                   options: tuple[str, str] | None = None) -> LangCodes | None:
+    """The codes of a multilingual seq2seq tokenizer (NLLB, mBART-50, mBART, M2M100) for `source` and `target`
+    (ISO codes, names, or the tokenizer's own codes), or None for a tokenizer that has none (T5, Marian, BART).
+    `options` name the settings that choose the languages (--source-lang, --target-lang), for the errors."""
+    family = lang_family(tokenizer)
+    if family is None:
+        return None
+    codes = _code_ids(tokenizer)
+    if not codes:
+        raise LmforgeError(f"the {family} tokenizer ({type(tokenizer).__name__}) has no language codes")
+    roles = [("source", source, options and options[0]), ("target", target, options and options[1])]
+    missing = [(role, option) for role, lang, option in roles if not lang]
+    if missing:
+        what = " and ".join(role for role, _ in missing)
+        fix = " and ".join(option for _, option in missing if option)
+        raise LmforgeError(f"{family} models need the {what} language{'s' if len(missing) > 1 else ''}: name the "
+                           f"data's fields by language (such as en and es){f' or set {fix}' if fix else ''}")
+    src, tgt = (_pick_code(family, codes, lang, option) for _, lang, option in roles)
+    return LangCodes(family, src, tgt, codes[tgt])
+
+
 class Prompter:
     """How sources become model inputs (and, with targets, training features), for one model/tokenizer.
 
-    style: "seq2seq" (encoder input, T5 prefix), "chat" (the tokenizer's chat template) or "template"."""
+    style: "seq2seq" (encoder input, T5 prefix), "chat" (the tokenizer's chat template) or "template".
+    langs: a multilingual seq2seq model's language codes (seq2seq only)."""
 
     def __init__(self, tokenizer, style: str, source_name: str, target_name: str, template: str | None = None,
                  prefix: str = "", max_length: int = 128, end_ids: list[int] | None = None,
-                 single_line: bool = True):
+                 single_line: bool = True, langs: LangCodes | None = None):
         self.tok = tokenizer
         self.style = style
+        self.langs = langs
+        if langs is not None:
+            langs.set_on(tokenizer)  # also what the saved tokenizer records
         self.source_name, self.target_name = source_name, target_name
         # a template typed on a command line has "\\n" where a line break is meant
         self.template = (template or DEFAULT_TEMPLATE).replace("\\n", "\n")
@@ -153,10 +281,13 @@ class Prompter:
     def feature(self, source: str, target: str) -> dict | None:
         """Training feature with labels (None when nothing of the target survives truncation)."""
         if self.style == "seq2seq":
+            if self.langs is not None:
+                self.langs.set_on(self.tok)
             enc = self.tok(self.prefix + source, text_target=target, truncation=True, max_length=self.max_length)
             labels = list(enc["labels"])
             eos = self.tok.eos_token_id
-            if eos is not None and (not labels or labels[-1] != eos):
+            # (a multilingual tokenizer places EOS and the language code itself, mBART's code after EOS)
+            if self.langs is None and eos is not None and (not labels or labels[-1] != eos):
                 labels = labels[:self.max_length - 1] + [eos]  # the decoder must learn to stop
             return {"input_ids": list(enc["input_ids"]), "attention_mask": list(enc["attention_mask"]),
                     "labels": labels}
@@ -188,6 +319,8 @@ def generate_translations(model, prompter: Prompter, sources: list[str], num_bea
         outs = generate_batch(model, tok, prompts, prompter.end_ids, max_new_tokens, num_beams, batch_size, ctx)
         return [prompter.clean(tok.decode(o, skip_special_tokens=True)) for o in outs]
     device = next(model.parameters()).device
+    if prompter.langs is not None:
+        prompter.langs.set_on(tok)
     enc = tok([prompter.prefix + s for s in sources], truncation=True, max_length=prompter.max_length)
     feats = [{"input_ids": list(i), "attention_mask": list(m)} for i, m in zip(enc["input_ids"], enc["attention_mask"])]
     order = sorted(range(len(feats)), key=lambda i: len(feats[i]["input_ids"]))
@@ -196,6 +329,8 @@ def generate_translations(model, prompter: Prompter, sources: list[str], num_bea
                   temperature=None, top_p=None, top_k=None)
     if prompter.end_ids:
         gen_kw["eos_token_id"] = prompter.end_ids
+    if prompter.langs is not None:
+        gen_kw.update(prompter.langs.generation())
     out: list[str] = [""] * len(sources)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
@@ -211,9 +346,10 @@ def generate_translations(model, prompter: Prompter, sources: list[str], num_bea
 def translate(model, tokenizer, texts: list[str], *, source_lang: str | None = "en", target_lang: str | None = "es",
               prompt_style: str | None = None, prompt_template: str | None = None, source_prefix: str | None = None,
               num_beams: int = 1, max_new_tokens: int = 128, max_length: int = 128, batch_size: int = 16,
-              single_line: bool = True) -> list[str]:
+              single_line: bool = True, source_code: str | None = None, target_code: str | None = None) -> list[str]:
     """Translate `texts` (for `lmforge predict` and serving). The keyword arguments are those recorded by
-    TranslateTask.config_extras() in DIR/final/lmforge_config.yaml; languages may be codes or names."""
+    TranslateTask.config_extras() in DIR/final/lmforge_config.yaml; languages may be codes or names.
+    source_code/target_code: a multilingual model's codes (eng_Latn), else found from the languages."""
     model.eval()
     config = getattr(model, "config", None)
     is_s2s = bool(getattr(config, "is_encoder_decoder", False))
@@ -222,7 +358,8 @@ def translate(model, tokenizer, texts: list[str], *, source_lang: str | None = "
                              else "chat" if tokenizer.chat_template else "template")
     if style == "seq2seq":
         prefix = source_prefix if source_prefix is not None else _t5_prefix(config, source_lang, target_lang)
-        prompter = Prompter(tokenizer, style, src, tgt, prefix=prefix, max_length=max_length)
+        langs = language_codes(tokenizer, source_code or source_lang, target_code or target_lang)
+        prompter = Prompter(tokenizer, style, src, tgt, prefix=prefix, max_length=max_length, langs=langs)
     else:
         from lmforge.tasks.sft import detect_end_of_turn
 
@@ -280,8 +417,11 @@ class TranslateTask(Task):
     def prepare(self, tokenizer, train: Loaded, others: dict[str, Loaded]) -> None:
         super().prepare(tokenizer, train, others)
         f = train.fields or {}
-        self.source_code = f.get("source_lang") or _lang_code(f.get("source"))
-        self.target_code = f.get("target_lang") or _lang_code(f.get("target"))
+        # --source-lang/--target-lang: a language the fields don't name, or a multilingual model's code (zho_Hant)
+        self.source_code = (getattr(self.cfg, "source_lang", None) or f.get("source_lang")
+                            or _lang_code(f.get("source")))
+        self.target_code = (getattr(self.cfg, "target_lang", None) or f.get("target_lang")
+                            or _lang_code(f.get("target")))
         self.source_name = language_name(self.source_code or f.get("source"), "the source language")
         self.target_name = language_name(self.target_code or f.get("target"), "the target language")
         self.single_line = not any("\n" in r["target"].strip() for r in train.rows)
@@ -301,8 +441,9 @@ class TranslateTask(Task):
                 raise LmforgeError("the tokenizer has no pad token, which an encoder-decoder model needs")
             prefix = _t5_prefix({"model_type": self.model_type}, self.source_code or self.source_name,
                                 self.target_code or self.target_name)
+            langs = language_codes(tok, self.source_code, self.target_code, ("--source-lang", "--target-lang"))
             self.prompter = Prompter(tok, "seq2seq", self.source_name, self.target_name, prefix=prefix,
-                                     max_length=self.max_length)
+                                     max_length=self.max_length, langs=langs)
             return
         style = "chat" if tok.chat_template and not self.cfg.prompt_template else "template"
         if style == "chat":
@@ -345,6 +486,10 @@ class TranslateTask(Task):
                 gen.decoder_start_token_id = model.config.decoder_start_token_id
             if gen.eos_token_id is None and self.tokenizer.eos_token_id is not None:
                 gen.eos_token_id = self.tokenizer.eos_token_id
+            if self.prompter.langs is not None:
+                # saved with DIR/final: plain transformers generate() then writes the target language too
+                for key, value in self.prompter.langs.generation().items():
+                    setattr(gen, key, value)
             return model
         model = load_causal(path, dtype)
         self.prompter.end_ids = end_token_ids(self.tokenizer, model, self.end_of_turn)
@@ -408,7 +553,9 @@ class TranslateTask(Task):
         """Set up from a fine-tuned folder's lmforge_config.yaml (languages, prompt) instead of training data."""
         self.tokenizer = tokenizer
         src, tgt = extras.get("source_lang", "en"), extras.get("target_lang", "es")
-        self.source_code, self.target_code = _lang_code(src), _lang_code(tgt)
+        # a multilingual model's codes as trained (zho_Hant, where "zh" alone would find zho_Hans)
+        self.source_code = extras.get("source_code") or _lang_code(src)
+        self.target_code = extras.get("target_code") or _lang_code(tgt)
         self.source_name = language_name(src, "the source language")
         self.target_name = language_name(tgt, "the target language")
         self.single_line = extras.get("single_line", True)
@@ -427,6 +574,8 @@ class TranslateTask(Task):
             extras["prompt_style"] = p.style
             if p.style == "seq2seq":
                 extras["source_prefix"] = p.prefix
+                if p.langs is not None:
+                    extras["source_code"], extras["target_code"] = p.langs.source, p.langs.target
             elif p.style == "template":
                 extras["prompt_template"] = p.template
         return extras
