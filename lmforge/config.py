@@ -190,6 +190,29 @@ RESUME_MAY_CHANGE = {"out", "resume", "stop_after_steps", "progress", "device", 
                      "log_interval", "save_interval", "fsdp", "precision", "attention", "compile"}
 
 
+def run_verb(saved: dict) -> str | None:
+    """Which training verb wrote a run's config.yaml (`saved`): 'finetune' (it names a task), 'pretrain' (it
+    names data and no task), else None."""
+    if not isinstance(saved, dict):
+        return None
+    if "task" in saved and "train" in saved:
+        return "finetune"
+    if "data" in saved and "task" not in saved:
+        return "pretrain"
+    return None
+
+
+def saved_run_verb(out: str | os.PathLike) -> str | None:
+    """run_verb of DIR/config.yaml, or None where there is none (or it does not parse)."""
+    try:
+        return run_verb(load_yaml(Path(out) / "config.yaml"))
+    except LmforgeError:
+        return None
+
+
+_VERBS = {"FinetuneConfig": "finetune", "PretrainConfig": "pretrain"}
+
+
 def resume_base(args: argparse.Namespace, cls, resolved: tuple[str, ...] = ()) -> dict:
     """With --resume, a run's saved DIR/config.yaml is the base, so `--out DIR --resume` alone is enough.
     Training recipes use it as their `base_config`. An option given again with another value (a longer
@@ -203,6 +226,10 @@ def resume_base(args: argparse.Namespace, cls, resolved: tuple[str, ...] = ()) -
         raise LmforgeError(f"--resume: {args.out} holds no run to continue (no config.yaml); drop --resume to "
                            f"start one")
     saved = load_yaml(path)
+    verb, theirs = _VERBS.get(cls.__name__), run_verb(saved)
+    if verb and theirs and theirs != verb:  # else each verb's options are "unknown" to the other
+        raise LmforgeError(f"--resume: {args.out} is a {theirs} run; continue it with: lmforge {theirs} --out "
+                           f"{args.out} --resume")
     for key in ("resume", "stop_after_steps"):  # per-invocation choices, not part of the run
         saved.pop(key, None)
     build(cls, saved, source=str(path))  # an edited or damaged saved config is named as the file it is

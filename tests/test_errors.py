@@ -276,3 +276,22 @@ def test_a_model_with_another_tasks_head_is_refused(tmp_path, tiny_run):
                       "not a causal LM model")
     assert_user_error(cli("predict", "--model", folder, "--task", "qa", "--question", "Who?", "--context", "Me."),
                       "not a qa model")
+    # no head for the task at all (a pretrained LM, a base encoder): a new random head's output would be noise
+    # that changes from run to run (and a decoder without a pad id ended in a traceback on a batch of two)
+    assert_user_error(cli("predict", "--model", tiny_run.final, "--task", "classify", "--text", "good", "bad"),
+                      "LlamaForCausalLM", "no classify head", "lmforge finetune --task classify")
+    assert_user_error(cli("evaluate", "--model", tiny_run.final, "--task", "qa", "--data", "lmforge_qa:test",
+                          "--max-examples", "2"), "no qa head")
+
+
+def test_a_run_of_the_other_training_verb_is_named_with_its_own_resume(tmp_path, tiny_run):
+    import shutil
+
+    run = tmp_path / "pt"
+    shutil.copytree(tiny_run.out, run)
+    assert list((run / "checkpoints").glob("step-*"))
+    res = cli("finetune", "--task", "sft", "--model", tiny_run.final, "--train", "lmforge_chat", "--out", run)
+    assert_user_error(res, f"lmforge pretrain --out {run} --resume", "pretrain run")
+    # its config.yaml's options are "unknown" to finetune: say what the folder is instead
+    assert_user_error(cli("finetune", "--out", run, "--resume"), "is a pretrain run",
+                      f"lmforge pretrain --out {run} --resume")

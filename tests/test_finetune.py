@@ -422,6 +422,28 @@ def test_a_step_weights_every_reply_token_alike_over_micro_batches_and_processes
         assert max((got[k] - ref[k]).abs().max().item() for k in ref) < 1e-5, run
     losses = [[r["loss"] for r in metrics_rows(tmp_path / run) if "loss" in r] for run in ("one", "ddp")]
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)  # the ranks' shares summed, not rank 0's alone
+    # the sft default (512) is cut to the model's 64-token context, and recorded for predict and serve
+    assert yaml.safe_load((tmp_path / "one" / "config.yaml").read_text())["max_length"] == 64
+
+
+def test_max_length_fits_the_model_context(tiny_bert, tmp_path):
+    from lmforge.errors import LmforgeError
+    from lmforge.recipes.finetune import FinetuneConfig, fit_max_length
+    from lmforge.tasks import get_task
+
+    def fit(folder, task="classify", **kw):
+        cfg = FinetuneConfig(task=task, **kw)
+        return fit_max_length(cfg, get_task(task)(cfg), folder)
+
+    assert fit(tiny_bert, "qa") == 128  # 384 by default; the model has 128 positions
+    assert fit(tiny_bert, max_length=100) == 100
+    with pytest.raises(LmforgeError, match="--max-length 256: the model reads at most 128 tokens"):
+        fit(tiny_bert, max_length=256)
+    roberta = tmp_path / "roberta"
+    roberta.mkdir()
+    (roberta / "config.json").write_text(json.dumps({"model_type": "roberta", "max_position_embeddings": 514}))
+    assert fit(roberta, "sft") == 512  # two of its positions come before the first token
+    assert fit(tmp_path, "sft") == 512  # a config that says nothing (or none): the task's default
 
 
 def test_fsdp_matches_ddp_resumes_and_generates(tiny_bert, sentiment, tiny_t5, tmp_path):
@@ -650,11 +672,18 @@ def test_sft_lora_adapter_reads_as_its_merged_model(tiny_run, tmp_path):
 
 def test_sft_on_the_builtin_chat_set(tiny_run, tmp_path):
     """The README's sft line on the built-in chats: validation and test metrics, samples, and predict on it."""
+    # the tiny model's 64 tokens hold no reply of the built-in chats: a 128-token copy (RoPE positions: its
+    # weights do not depend on the window)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_run.final, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 128}))
     out = tmp_path / "chat"
-    res = cli("finetune", "--task", "sft", "--model", tiny_run.final, "--train", "lmforge_chat", "--out", out,
-              "--max-steps", "2", "--batch-size", "4", "--max-length", "96", "--max-eval-examples", "16",
+    res = cli("finetune", "--task", "sft", "--model", model, "--train", "lmforge_chat", "--out", out,
+              "--max-steps", "2", "--batch-size", "4", "--max-eval-examples", "16",
               "--no-progress", "--max-new-tokens", "4")
     assert res.code == 0, res.err
+    assert "max length 128 tokens: the model's context window" in res.out  # the sft default is 512
     m = json.loads((out / "metrics.json").read_text())
     assert m["validation"]["n"] <= 16 and m["test"]["perplexity"] > 1
     assert m["zero_shot_validation"]["n"] == m["validation"]["n"]  # the perplexity before fine-tuning too

@@ -131,6 +131,31 @@ def test_generate_chat_uses_the_template(tiny_run):
     assert "<|im_start|>" not in res.out  # the template is applied to the input, not echoed
 
 
+def test_generate_chat_without_a_template_uses_the_default_one(tiny_run, tmp_path, monkeypatch):
+    """As chat, serve and sft do: lmforge's default template, not a refusal."""
+    import shutil
+
+    import lmforge.generate.sampling as sampling
+
+    folder = tmp_path / "plain"
+    shutil.copytree(tiny_run.final, folder)
+    (folder / "chat_template.jinja").unlink()
+    prompts = []
+    real = sampling.generate_ids
+    monkeypatch.setattr(sampling, "generate_ids", lambda model, ids, *a, **kw: prompts.append(ids) or real(
+        model, ids, *a, **kw))
+    res = cli("generate", "--model", folder, "--prompt", "hi", "--chat", "--max-new-tokens", "3", "--seed", "0")
+    assert res.code == 0, res.err
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    assert not tok.chat_template
+    from lmforge.tasks.sft import render, setup_chat
+
+    setup_chat(tok)  # lmforge's default for it (ChatML, as its special tokens are)
+    assert tok.decode(prompts[0]) == render(tok, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
+
+
 def test_evaluate_lm(tiny_run):
     res = cli("evaluate", "--model", tiny_run.final, "--task", "lm", "--data", tiny_run.corpus,
               "--max-tokens", "1024")

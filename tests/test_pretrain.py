@@ -343,6 +343,18 @@ def test_init_from_continues_training(tmp_path, tiny_run, other_corpus_file):
              "--max-tokens", "256", "--batch-size", "2")
     assert ev.code == 0, ev.err
     assert json.loads(ev.out)["loss"] == pytest.approx(metrics["initial_val_loss"], abs=1e-4)
+    # --context is the training window: the model keeps its own (it became the saved max_position_embeddings,
+    # capping generate, chat and serve, and every model fine-tuned from it, at the training window)
+    short = tmp_path / "short"
+    res = cli("pretrain", "--data", other_corpus_file, "--out", short, "--init-from", tiny_run.final, "--context",
+              "32", "--max-steps", "1", "--batch-size", "2", "--no-progress", "--eval-tokens", "256",
+              "--sample-tokens", "0", "--precision", "fp32")
+    assert res.code == 0, res.err
+    assert json.loads((short / "final" / "config.json").read_text())["max_position_embeddings"] == 64
+    assert yaml.safe_load((short / "config.yaml").read_text())["context"] == 32
+    assert_user_error(cli("pretrain", "--data", other_corpus_file, "--out", tmp_path / "long", "--init-from",
+                          tiny_run.final, "--context", "128", "--max-steps", "1", "--no-progress"),
+                      "--context 128", "at most 64 tokens")
 
 
 def test_max_minutes_leaves_room_for_evaluations():

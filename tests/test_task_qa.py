@@ -164,7 +164,7 @@ def _window(start, end, n_question=3, context_tokens=None):
     return WindowLogits(np.array(start, float), np.array(end, float), offsets, 0)
 
 
-CTX = "".join(f"w{i:02d}__    " for i in range(20))  # token i is CTX[10i:10i+5] == "wNN__"
+CTX = "".join(f"w{i:02d}__     " for i in range(20))  # token i is CTX[10i:10i+5] == "wNN__"
 
 
 def test_best_span_picks_best_valid_span():
@@ -176,6 +176,16 @@ def test_best_span_picks_best_valid_span():
     out = best_span(CTX, [_window(start, end)])
     assert (out["start"], out["end"]) == (20, 45)
     assert out["answer"] == CTX[20:45] and out["score"] == pytest.approx(9.0)
+
+
+def test_best_span_leaves_out_the_space_a_byte_level_token_carries():
+    # byte-level BPE: " Noah" is one token whose offsets start at the space
+    ctx = "Who? Noah built the ark. "
+    start, end = np.zeros(8), np.zeros(8)
+    start[5], end[6] = 5.0, 5.0
+    w = WindowLogits(start, end, [None] * 5 + [(4, 9), (9, 15), (24, 25)], 0)
+    out = best_span(ctx, [w])
+    assert out["answer"] == "Noah built" and (out["start"], out["end"]) == (5, 15)
 
 
 def test_best_span_respects_max_answer_length():

@@ -80,9 +80,14 @@ def check_head(folder: str | Path, task: str, config: dict | None = None) -> Non
     if archs and all(h is not None and h != task for h in heads):
         raise LmforgeError(f"{folder}: a {archs[0]} (a {heads[0]} model), not a {task} model: its {task} head "
                            f"would be random")
+    if archs and task in TASK_HEADS.values() and task not in heads:
+        # a base encoder or a causal LM asked to predict labels or spans: the head would be new and random, and
+        # its confident-looking output would change from run to run
+        raise LmforgeError(f"{folder}: a {archs[0]}, with no {task} head; fine-tune one first: lmforge finetune "
+                           f"--task {task} --model {folder} --train DATA --out DIR")
 
 
-def load_causal_lm(folder: str | Path, native: bool = True, max_seq_len: int | None = None) -> nn.Module:
+def load_causal_lm(folder: str | Path, native: bool = True) -> nn.Module:
     folder = Path(folder)
     hf = read_config(folder)
     check_head(folder, "causal LM", hf)
@@ -91,7 +96,7 @@ def load_causal_lm(folder: str | Path, native: bool = True, max_seq_len: int | N
     if native:
         try:
             config_from_hf(hf)
-            return LlamaLM.from_hf(folder, max_seq_len=max_seq_len)
+            return LlamaLM.from_hf(folder)
         except (ValueError, KeyError, OSError, RuntimeError, SafetensorError):
             pass  # not a plain Llama (or broken): transformers loads it, or says what is wrong with it
     from transformers import AutoModelForCausalLM

@@ -201,6 +201,42 @@ def _own_kernel(model, kernel: str | None):
         model.set_attn_implementation(training_kernel)
 
 
+# learned positions that start after the padding index: RoBERTa's 514 positions hold 512 tokens
+_POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2, "data2vec-text": 2}
+
+
+def model_context(path) -> int | None:
+    """How many tokens the model in folder `path` reads (max_position_embeddings; GPT-2's n_positions), or
+    None where its config does not say (T5's relative positions, a hub id not downloaded)."""
+    f = Path(str(path)) / "config.json"
+    try:
+        config = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    n = config.get("max_position_embeddings")
+    if n is None and config.get("model_type") == "gpt2":
+        n = config.get("n_positions")
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        return None
+    return n - _POSITION_OFFSET.get(config.get("model_type"), 0)
+
+
+def fit_max_length(cfg: FinetuneConfig, task, path) -> int:
+    """--max-length, or the task's default cut to the model's context window (a 128-token model trained on
+    512-token chats would be trained on prompts that generate, chat and serve then refuse or cut)."""
+    context = model_context(path)
+    if cfg.max_length:
+        if context is not None and cfg.max_length > context:
+            raise LmforgeError(f"--max-length {cfg.max_length}: the model reads at most {context} tokens "
+                               f"(max_position_embeddings in {Path(str(path)) / 'config.json'})")
+        return cfg.max_length
+    if context is not None and context < task.default_max_length:
+        print(f"max length {context} tokens: the model's context window (the {cfg.task} default is "
+              f"{task.default_max_length})", flush=True)
+        return context
+    return task.default_max_length
+
+
 def _load_data(cfg: FinetuneConfig, task):
     """(train, {"validation": ..., "test": ...}) as Loaded sets, holding out a slice when needed."""
     from lmforge.data.labelled import Loaded, build_label_map, data_splits, holdout, load_examples, skipped_report
@@ -361,7 +397,7 @@ def run(cfg: FinetuneConfig) -> dict:
     torch.manual_seed(cfg.seed)
     check_out_dir(out)
     if not cfg.resume:
-        ckpt.refuse_earlier_run(out)
+        ckpt.refuse_earlier_run(out, "finetune")
     if cfg.resume:
         with rt.main_first():  # a kill while DIR/final was being replaced left it under a temp name
             if rt.is_main:
@@ -380,6 +416,7 @@ def run(cfg: FinetuneConfig) -> dict:
     task.use_device(rt.device)
     with rt.main_first():  # a packaged model is converted once, by rank 0
         path = resolve_model(cfg.model)
+    task.max_length = fit_max_length(cfg, task, path)
     tokenizer = load_tokenizer(path)
     train, others = _load_data(cfg, task)
     task.prepare(tokenizer, train, others)
@@ -455,7 +492,7 @@ def run(cfg: FinetuneConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
     resolved = dict(C.to_dict(cfg), lr=lr, batch_size=batch_size, max_steps=max_steps, precision=precision,
-                    attention=kernel if kernel in ("eager", "sdpa") else cfg.attention)
+                    max_length=task.max_length, attention=kernel if kernel in ("eager", "sdpa") else cfg.attention)
     extras = {"task": cfg.task, "base_model": str(path), "lora": cfg.lora, **task.config_extras(),
               # the fields read from the training data, guessed or named: predict --input looks for them first
               "data_fields": {k: v for k, v in train.fields.items() if k in task.fields()},
@@ -506,8 +543,10 @@ def run(cfg: FinetuneConfig) -> dict:
     # `lmforge evaluate` and plain transformers load it (MiniLM, rotten_tomatoes validation: 81.43 % fp32 against
     # 81.52 % under bf16 autocast, one sentence in 1,066).
     eval_precision = precision if cfg.eval_precision == "train" else "fp32"
-    print(f"task {cfg.task} | model {path.name if path.name != 'model' else path} | "
-          f"{n_total / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trained{' (LoRA)' if cfg.lora else ''} | "
+    # a packaged model's folder is called model, an lmforge output's final: neither says which model it is
+    shown = path if path.name == "model" else f"{path.parent.name}/{path.name}" if path.name == "final" else path.name
+    print(f"task {cfg.task} | model {shown} | "
+          f"{n_total / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trained{' (LoRA)' if cfg.lora else ''} | "
           f"{len(feats):,} training features, batch {batch_size}x{cfg.grad_accum} | {plan['max_steps']} steps | "
           f"lr {lr:g} | precision {precision}" + (f" ({eval_precision} to evaluate)" if eval_precision != precision
                                                   else "") + f", {kernel} attention | device {rt.device}"

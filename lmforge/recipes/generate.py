@@ -50,15 +50,14 @@ def _run(cfg: GenerateConfig) -> int:
     if any("\udc80" <= c <= "\udcff" for c in prompt):  # how Python hands over argv bytes that are not UTF-8
         raise LmforgeError("--prompt: not valid UTF-8 (a terminal or file in another encoding, or text cut in "
                            "the middle of a character)")
-    if cfg.chat and not getattr(tokenizer, "chat_template", None):
-        raise LmforgeError(f"{path}: the tokenizer has no chat template; drop --chat")
     # as serve stops: a chat turn at the template's end-of-turn token, and every EOS the model names
     stops = model_stop_ids(tokenizer, path, chat=cfg.chat)
     if cfg.chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
+        from lmforge.tasks.sft import encode_prompt, setup_chat
+
+        # the model's chat template, or lmforge's default where it has none (as chat, serve and sft use)
+        setup_chat(tokenizer)
+        ids = encode_prompt(tokenizer, [{"role": "user", "content": prompt}])
     else:
         ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_token_id or 0]
     window = model_window(model)

@@ -144,7 +144,7 @@ def run(cfg: PretrainConfig) -> dict:
 
     check_out_dir(out)
     if not cfg.resume:
-        ckpt.refuse_earlier_run(out)
+        ckpt.refuse_earlier_run(out, "pretrain")
     if cfg.resume:
         with rt.main_first():  # a kill while DIR/final was being replaced left it under a temp name
             if rt.is_main:
@@ -182,12 +182,16 @@ def run(cfg: PretrainConfig) -> dict:
     if resume_from is not None:
         model = ckpt.load_checked(resume_from, load_causal_lm)
     elif init_path is not None:
-        model = load_causal_lm(init_path, max_seq_len=cfg.context or None)
+        # loaded with its own context window, which DIR/final keeps: --context is the training window only
+        model = load_causal_lm(init_path)
     else:
         model = LlamaLM(model_config(cfg, len(tokenizer), tokenizer))
     # from scratch, the preset's context; a pretrained model's full range (SmolLM2: 8,192) would make a step
     # of 16 x 8,192 tokens, tens of GB of logits: 1,024 at most unless --context asks for more
     from_scratch = isinstance(model, LlamaLM) and not cfg.init_from
+    if cfg.context and not from_scratch and cfg.context > model.max_seq_len:
+        raise LmforgeError(f"--context {cfg.context}: {cfg.init_from} reads at most {model.max_seq_len} tokens "
+                           f"(max_position_embeddings in its config.json); use --context {model.max_seq_len} or less")
     context = cfg.context or (model.cfg.max_seq_len if from_scratch else min(1024, model.max_seq_len))
     context = min(context, model.max_seq_len)
     for name, split in (("training", data.train), ("validation", data.val)):

@@ -81,7 +81,9 @@ def run(cfg: ServeConfig) -> int:
         print("note: this architecture runs through transformers, one sequence at a time per step: concurrent "
               "requests share the loop without the batching speed-up (Llama, Mistral, Qwen2 and SmolLM2 get it)",
               flush=True)
-    print(f"serving {state.name} ({s.kind}, {s.device}, {s.precision}{engine}) from {s.path}", flush=True)
+    # the "seq2seq" kind is any translator: a decoder-only one is not an encoder-decoder model
+    kind = "translator, decoder-only" if s.kind == "seq2seq" and s.translator is not None else s.kind
+    print(f"serving {state.name} ({kind}, {s.device}, {s.precision}{engine}) from {s.path}", flush=True)
     print(f"  {url}/  playground    {url}/docs  API docs    {url}/health", flush=True)
     for ep in state.endpoints:
         print(f"  POST {url}{ep}", flush=True)

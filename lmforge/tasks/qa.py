@@ -162,6 +162,11 @@ def best_span(context: str, windows: list[WindowLogits], n_best: int = 20, max_a
         # no valid span at all (e.g. a tiny max_answer_length) also falls back to the empty answer
         return {"answer": "", "score": null_score, "start": None, "end": None, "null_score": null_score}
     start, end = best_chars
+    # byte-level BPE offsets cover a word's leading space (" Noah"): the answer is the words, not the gap
+    while start < end and context[start].isspace():
+        start += 1
+    while end > start and context[end - 1].isspace():
+        end -= 1
     return {"answer": context[start:end], "score": best_score, "start": start, "end": end,
             "null_score": null_score}
 

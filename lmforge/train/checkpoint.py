@@ -124,7 +124,7 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def refuse_earlier_run(out_dir: str | Path) -> None:
+def refuse_earlier_run(out_dir: str | Path, verb: str) -> None:
     """A new run (no --resume) in a folder that holds another run's checkpoints would mix the two: theirs would
     count against --keep-checkpoints and be what a later --resume picks. Refused, naming both ways out."""
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
@@ -132,8 +132,12 @@ def refuse_earlier_run(out_dir: str | Path) -> None:
     root = Path(out_dir) / "checkpoints"
     found = sorted(p.name for p in root.glob("step-*")) if root.is_dir() else []
     if found:
+        from lmforge.config import saved_run_verb
+
+        theirs = saved_run_verb(out_dir) or verb
+        again = "--resume" if theirs == verb else f"lmforge {theirs} --out {out_dir} --resume (it is a {theirs} run)"
         raise LmforgeError(f"{out_dir} holds checkpoints of an earlier run (up to {found[-1]}): continue it with "
-                           f"--resume, or start afresh in another --out (or after rm -r {root})")
+                           f"{again}, or start afresh in another --out (or after rm -r {root})")
 
 
 def load_checked(ckpt: Path, load: Callable, *args):
