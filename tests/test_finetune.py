@@ -205,6 +205,12 @@ def test_lora_merged_and_adapter(tiny_bert, sentiment, tmp_path):
     # a checkpoint of a LoRA run is an adapter too
     step = next((tmp_path / "adapter" / "checkpoints").glob("step-*"))
     assert cli("predict", "--model", step, "--text", "a joy to watch").code == 0
+    # given to a causal-LM verb, a classifier's adapter is refused by the name given, before any merge
+    merged_before = set(cache.iterdir())
+    for args in (["generate", "--model", step, "--prompt", "hi"],
+                 ["pretrain", "--init-from", step, "--data", val, "--out", tmp_path / "pt"]):
+        assert_user_error(cli(*args), str(step), "LoRA adapter of a classify model", "not a causal LM model")
+    assert set(cache.iterdir()) == merged_before
     # plain peft loads it, given the head recorded beside it
     from peft import AutoPeftModelForSequenceClassification
 

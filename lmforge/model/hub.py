@@ -59,8 +59,13 @@ def alias_table() -> list[dict]:
     return rows
 
 
-def resolve_model(spec: str) -> Path:
-    """A local folder holding config.json for `spec`, converting or downloading where needed."""
+_ADAPTER_TASKS = {"SEQ_CLS": "classify", "QUESTION_ANS": "qa", "CAUSAL_LM": "causal LM", "SEQ_2_SEQ_LM": "seq2seq"}
+
+
+def resolve_model(spec: str, head: str | None = None) -> Path:
+    """A local folder holding config.json for `spec`, converting or downloading where needed. `head`: what the
+    caller loads it as ("causal LM"), so that a LoRA adapter trained for another head is refused before it is
+    merged (a model's worth of cache for a folder that would be refused anyway)."""
     path = Path(spec).expanduser()
     if spec in ALIASES and not path.exists():
         return _resolve_alias(spec)
@@ -71,6 +76,14 @@ def resolve_model(spec: str) -> Path:
             return path / "final"
         adapter = next((p for p in (path, path / "final") if (p / "adapter_config.json").exists()), None)
         if adapter is not None:  # --save-adapter, or a checkpoint of a LoRA run
+            if head is not None:
+                try:
+                    kind = _ADAPTER_TASKS.get(json.loads((adapter / "adapter_config.json").read_text()).get("task_type"))
+                except (OSError, ValueError, AttributeError):
+                    kind = None  # merge_adapter names what is wrong with it
+                if kind is not None and kind != head:
+                    raise LmforgeError(f"{path}: a LoRA adapter of a {kind} model, not a {head} model: its "
+                                       f"{head} head would be random")
             return merge_adapter(adapter)
         raise LmforgeError(f"{path}: not a model folder (no config.json; expected a Hugging Face folder or "
                            f"an lmforge output folder with final/)")

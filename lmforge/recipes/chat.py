@@ -78,7 +78,7 @@ class Chat:
         if not cfg.model:
             raise LmforgeError("--model is required")
         self.cfg = cfg
-        path = resolve_model(cfg.model)
+        path = resolve_model(cfg.model, head="causal LM")
         self.tokenizer = load_tokenizer(path)
         self.model = load_causal_lm(path).eval()
         # What serve stops a chat turn on: the template's end-of-turn token, the tokenizer's EOS and those of

@@ -43,7 +43,7 @@ def _run(cfg: GenerateConfig) -> int:
 
     if not cfg.model:
         raise LmforgeError("--model is required")
-    path = resolve_model(cfg.model)
+    path = resolve_model(cfg.model, head="causal LM")
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(path).eval()
     prompt = cfg.prompt

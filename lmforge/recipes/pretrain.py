@@ -164,7 +164,7 @@ def run(cfg: PretrainConfig) -> dict:
     sources = resolve_sources(cfg.data)
     with rt.main_first():  # rank 0 converts models, trains the tokenizer and fills the token cache first
         # resumed, model and tokenizer come from the checkpoint: the --init-from model need not be at hand any more
-        init_path = resolve_model(cfg.init_from) if cfg.init_from and resume_from is None else None
+        init_path = resolve_model(cfg.init_from, head="causal LM") if cfg.init_from and resume_from is None else None
         if resume_from is not None:
             tokenizer = load_tokenizer(resume_from)
         elif init_path is not None:
