@@ -177,3 +177,20 @@ def test_a_repeated_list_option_adds_to_it():
     # `--text A --text B` (as the predict docs write it) means both texts, not only the last
     assert vars(parser.parse_args(["--text", "a", "--text", "b", "c"])) == {"text": ["a", "b", "c"]}
     assert vars(parser.parse_args(["--text", "a", "b"])) == {"text": ["a", "b"]}
+
+
+def test_metrics_files_keep_chinese_readable(tmp_path):
+    """Per-class keys of a 正面/负面 classifier and pretraining's sample texts: UTF-8, not \\uXXXX escapes."""
+    import json
+
+    from lmforge.train.common import MetricsLog
+
+    log = MetricsLog(tmp_path)
+    log.log(step=1, sample="新华社北京")
+    log.log(step=2, sample="人民日报")
+    log.truncate_after(1)
+    log.summary({"test": {"per_class_f1": {"正面": 0.7, "负面": 0.6}}})
+    assert "新华社北京" in (tmp_path / "metrics.jsonl").read_text(encoding="utf-8")
+    assert "人民日报" not in (tmp_path / "metrics.jsonl").read_text(encoding="utf-8")
+    text = (tmp_path / "metrics.json").read_text(encoding="utf-8")
+    assert "正面" in text and json.loads(text)["test"]["per_class_f1"]["负面"] == 0.6

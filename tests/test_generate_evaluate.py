@@ -99,6 +99,23 @@ def test_a_continuation_keeps_the_space_a_sentencepiece_decoder_strips():
     assert stream() == "Paris."  # a chat reply, a message of its own
 
 
+def test_a_character_cut_off_by_the_token_limit_is_left_out(tiny_run):
+    """Byte-level BPE spells a rare character in byte tokens; generation stopped between them would end the
+    reply (generate, serve) in U+FFFD."""
+    from transformers import AutoTokenizer
+
+    from lmforge.generate.sampling import StreamDecoder
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_run.final))
+    ids = tok.encode("北京龘", add_special_tokens=False)
+    assert len(ids) > 3  # bytes, in this tiny vocabulary
+    dec = StreamDecoder(tok)
+    text = "".join(dec.push(t) for t in ids[:-1]) + dec.flush()
+    assert "\ufffd" not in text and "龘".startswith(text[len("北京"):]) and text.startswith("北京")
+    dec = StreamDecoder(tok)
+    assert "".join(dec.push(t) for t in ids) + dec.flush() == "北京龘"
+
+
 def test_greedy_text_matches_the_model(tiny_run):
     """The streamed text is the decode of the greedy tokens (StreamDecoder loses nothing)."""
     import torch

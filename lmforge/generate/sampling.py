@@ -84,7 +84,7 @@ class StreamDecoder:
     Decoding token by token breaks multi-byte characters (Chinese, emoji) split across tokens, and loses
     spaces some tokenizers attach at decode time. So each step decodes a short window (the previous piece
     and the new tokens) and emits what the new tokens add, holding back an incomplete UTF-8 character;
-    `flush` releases whatever is left when generation ends.
+    `flush` releases whatever is left when generation ends (less a character cut off there).
 
     `context`, the prompt's ids for a text continuation: its last tokens start the window, so that the first
     new token is decoded as it reads after the prompt. SentencePiece decoders (Llama 2, Mistral) strip the
@@ -113,10 +113,12 @@ class StreamDecoder:
         return ""
 
     def flush(self) -> str:
+        """What is left. A character the token limit cut in half (byte tokens of a rare CJK character) is left
+        out rather than shown as U+FFFD: it was never written."""
         before = self._decode(self.ids[self.prefix:self.read])
         now = self._decode(self.ids[self.prefix:])
         self.prefix = self.read = len(self.ids)
-        return now[len(before):] if len(now) > len(before) else ""
+        return now[len(before):].rstrip("\ufffd") if len(now) > len(before) else ""
 
 
 def stop_token_ids(tokenizer, model=None) -> set[int]:

@@ -305,7 +305,7 @@ class MetricsLog:
             return
         row = json_ready({"time": round(time.time(), 3), **row})
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")  # Chinese labels and samples, readable
 
     def rows(self) -> list[dict]:
         if not self.path.exists():
@@ -323,11 +323,11 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         keep = [r for r in self.rows() if r.get("step", 0) <= step]
-        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+        write_atomic(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
 
     def summary(self, data: dict) -> None:
         if self.enabled:
-            write_atomic(self.dir / "metrics.json", json.dumps(json_ready(data), indent=2) + "\n")
+            write_atomic(self.dir / "metrics.json", json.dumps(json_ready(data), indent=2, ensure_ascii=False) + "\n")
 
     def plot(self, name: str = "loss.png") -> Path | None:
         """Training and validation loss against step, for people who would rather look than read."""
