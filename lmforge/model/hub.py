@@ -59,9 +59,6 @@ def alias_table() -> list[dict]:
     return rows
 
 
-_ADAPTER_TASKS = {"SEQ_CLS": "classify", "QUESTION_ANS": "qa", "CAUSAL_LM": "causal LM", "SEQ_2_SEQ_LM": "seq2seq"}
-
-
 def resolve_model(spec: str, head: str | None = None) -> Path:
     """A local folder holding config.json for `spec`, converting or downloading where needed. `head`: what the
     caller loads it as ("causal LM"), so that a LoRA adapter trained for another head is refused before it is
@@ -76,15 +73,7 @@ def resolve_model(spec: str, head: str | None = None) -> Path:
             return path / "final"
         adapter = next((p for p in (path, path / "final") if (p / "adapter_config.json").exists()), None)
         if adapter is not None:  # --save-adapter, or a checkpoint of a LoRA run
-            if head is not None:
-                try:
-                    kind = _ADAPTER_TASKS.get(json.loads((adapter / "adapter_config.json").read_text()).get("task_type"))
-                except (OSError, ValueError, AttributeError):
-                    kind = None  # merge_adapter names what is wrong with it
-                if kind is not None and kind != head:
-                    raise LmforgeError(f"{path}: a LoRA adapter of a {kind} model, not a {head} model: its "
-                                       f"{head} head would be random")
-            return merge_adapter(adapter)
+            return merge_adapter(adapter, head)
         raise LmforgeError(f"{path}: not a model folder (no config.json; expected a Hugging Face folder or "
                            f"an lmforge output folder with final/)")
     if path.exists():
@@ -162,6 +151,8 @@ def convert_gguf(gguf_path: Path, out: Path) -> Path:
 # PEFT's task types and the Auto class each one's adapter sits on
 ADAPTER_AUTO_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "QUESTION_ANS": "AutoModelForQuestionAnswering",
                         "CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM"}
+# the same task types as lmforge names what a model is for (check_head's words)
+_ADAPTER_TASKS = {"SEQ_CLS": "classify", "QUESTION_ANS": "qa", "CAUSAL_LM": "causal LM", "SEQ_2_SEQ_LM": "seq2seq"}
 # Written beside a saved adapter: the config of the model it was trained on, head included (num_labels,
 # id2label, problem_type, pad id), which adapter_config.json does not record.
 ADAPTER_MODEL_CONFIG = "lmforge_model_config.json"
@@ -187,9 +178,10 @@ def _adapter_base(adapter: Path, acfg: dict) -> Path:
                        f"{adapter / 'adapter_config.json'}")
 
 
-def merge_adapter(adapter: Path) -> Path:
+def merge_adapter(adapter: Path, head: str | None = None) -> Path:
     """A LoRA adapter folder (PEFT) as a merged Hugging Face folder: merged once onto its base model and cached
-    by the adapter's content, so predict, evaluate, serve and chat read it as they read a merged DIR/final."""
+    by the adapter's content, so predict, evaluate, serve and chat read it as they read a merged DIR/final.
+    `head`: what the caller loads it as (resolve_model)."""
     import hashlib
 
     try:
@@ -200,6 +192,10 @@ def merge_adapter(adapter: Path) -> Path:
     if auto is None:
         raise LmforgeError(f"{adapter / 'adapter_config.json'}: task_type {acfg.get('task_type')!r} is not one lmforge "
                            f"reads ({', '.join(ADAPTER_AUTO_CLASSES)})")
+    kind = _ADAPTER_TASKS[acfg["task_type"]]
+    if head is not None and kind != head:  # refused before the merge: a model's worth of cache for nothing
+        raise LmforgeError(f"{adapter}: a LoRA adapter of a {kind} model, not a {head} model: its {head} head "
+                           f"would be random")
     base = _adapter_base(adapter, acfg)
     digest = hashlib.sha256(str(base.resolve()).encode())
     files = sorted(f for f in adapter.iterdir() if f.is_file())

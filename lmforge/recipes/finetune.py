@@ -12,6 +12,7 @@ and test metrics, DIR/predictions.jsonl the test (or validation) predictions.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import types
 from dataclasses import dataclass
@@ -384,9 +385,9 @@ def run(cfg: FinetuneConfig) -> dict:
     from lmforge.tasks import get_task
     from lmforge.tokenizer.bpe import load_tokenizer
     from lmforge.train import checkpoint as ckpt
-    from lmforge.train.common import (MetricsLog, StopOnSignal, autocast, build_optimizer, check_out_dir,
-                                      format_duration, full_state, grad_scaler, load_optimizer_state,
-                                      resolve_precision, setup_runtime, shard_model, write_atomic)
+    from lmforge.train.common import (MetricsLog, StopOnSignal, autocast, build_optimizer, format_duration,
+                                      full_state, grad_scaler, load_optimizer_state, resolve_precision,
+                                      setup_runtime, shard_model, write_atomic)
 
     for name in ("task", "model", "train", "out"):
         if not getattr(cfg, name):
@@ -395,13 +396,7 @@ def run(cfg: FinetuneConfig) -> dict:
     rt = setup_runtime(cfg.device)
     precision = resolve_precision(cfg.precision, rt.device)
     torch.manual_seed(cfg.seed)
-    check_out_dir(out)
-    if not cfg.resume:
-        ckpt.refuse_earlier_run(out, "finetune")
-    if cfg.resume:
-        with rt.main_first():  # a kill while DIR/final was being replaced left it under a temp name
-            if rt.is_main:
-                ckpt.tidy_leftovers(out, "final")
+    ckpt.prepare_run_dir(out, "finetune", cfg.resume, rt)
     if cfg.resume and (out / "final").is_dir() and (out / "metrics.json").exists():
         # written last: the run is done, and resuming would only evaluate (for sft and translate, generate) again
         print(f"{out} is a finished run (its model is {out / 'final'}): nothing to resume. To train further, "
@@ -464,8 +459,6 @@ def run(cfg: FinetuneConfig) -> dict:
     lengths = [len(f["input_ids"]) for f in feats]
     # what a checkpoint's data position refers to: the feature count and lengths (cheap to hash, and changed by
     # nearly any edit of the data) of the training set it was made on
-    import hashlib
-
     train_data = {"features": len(feats),
                   "lengths_sha1": hashlib.sha1(",".join(map(str, lengths)).encode()).hexdigest()[:16]}
     batch_size = cfg.batch_size or task.default_batch_size

@@ -131,9 +131,9 @@ def run(cfg: PretrainConfig) -> dict:
     from lmforge.model.llama import LlamaLM
     from lmforge.tokenizer.bpe import load_tokenizer, mean_token_bytes, token_byte_lengths
     from lmforge.train import checkpoint as ckpt
-    from lmforge.train.common import (MetricsLog, StopOnSignal, autocast, build_optimizer, check_out_dir,
-                                      format_duration, full_state, grad_scaler, load_optimizer_state,
-                                      resolve_precision, setup_runtime, shard_model, warmup_cosine, write_atomic)
+    from lmforge.train.common import (MetricsLog, StopOnSignal, autocast, build_optimizer, format_duration,
+                                      full_state, grad_scaler, load_optimizer_state, resolve_precision,
+                                      setup_runtime, shard_model, warmup_cosine, write_atomic)
 
     if not cfg.out:
         raise LmforgeError("--out is required (the folder for checkpoints and the final model)")
@@ -142,13 +142,7 @@ def run(cfg: PretrainConfig) -> dict:
     precision = resolve_precision(cfg.precision, rt.device)
     torch.manual_seed(cfg.seed + rt.rank)
 
-    check_out_dir(out)
-    if not cfg.resume:
-        ckpt.refuse_earlier_run(out, "pretrain")
-    if cfg.resume:
-        with rt.main_first():  # a kill while DIR/final was being replaced left it under a temp name
-            if rt.is_main:
-                ckpt.tidy_leftovers(out, "final")
+    ckpt.prepare_run_dir(out, "pretrain", cfg.resume, rt)
     if cfg.resume and (out / "final" / "config.json").exists():
         # DIR/final is written last: the run is done. Resuming from its last checkpoint would train past the
         # --max-minutes stop (which saves none) without a budget and replace DIR/final and metrics.json.
@@ -189,11 +183,11 @@ def run(cfg: PretrainConfig) -> dict:
     # from scratch, the preset's context; a pretrained model's full range (SmolLM2: 8,192) would make a step
     # of 16 x 8,192 tokens, tens of GB of logits: 1,024 at most unless --context asks for more
     from_scratch = isinstance(model, LlamaLM) and not cfg.init_from
-    if cfg.context and not from_scratch and cfg.context > model.max_seq_len:
-        raise LmforgeError(f"--context {cfg.context}: {cfg.init_from} reads at most {model.max_seq_len} tokens "
-                           f"(max_position_embeddings in its config.json); use --context {model.max_seq_len} or less")
-    context = cfg.context or (model.cfg.max_seq_len if from_scratch else min(1024, model.max_seq_len))
-    context = min(context, model.max_seq_len)
+    if cfg.context and cfg.context > model.max_seq_len:  # from scratch, the model is built with --context
+        raise LmforgeError(f"--context {cfg.context}: {cfg.init_from or 'the model'} reads at most "
+                           f"{model.max_seq_len} tokens (max_position_embeddings in its config.json); use "
+                           f"--context {model.max_seq_len} or less")
+    context = cfg.context or (model.max_seq_len if from_scratch else min(1024, model.max_seq_len))
     for name, split in (("training", data.train), ("validation", data.val)):
         if len(split) < context + 2:
             raise LmforgeError(f"corpus too small: the {name} split has {len(split)} tokens, fewer than the "

@@ -124,11 +124,24 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+def prepare_run_dir(out: Path, verb: str, resume: bool, rt) -> None:
+    """What `pretrain` and `finetune` (`verb`) do to --out before any work: refuse one that cannot become a
+    folder; for a new run, refuse another run's checkpoints; resumed, put back a DIR/final that a kill while it
+    was being replaced left under a temp name (rank 0 alone, before the others look for it)."""
+    from lmforge.train.common import check_out_dir
+
+    check_out_dir(out)
+    if not resume:
+        refuse_earlier_run(out, verb)
+        return
+    with rt.main_first():
+        if rt.is_main:
+            tidy_leftovers(out, "final")
+
+
 def refuse_earlier_run(out_dir: str | Path, verb: str) -> None:
     """A new run (no --resume) in a folder that holds another run's checkpoints would mix the two: theirs would
     count against --keep-checkpoints and be what a later --resume picks. Refused, naming both ways out."""
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise LmforgeError(f"--out {out_dir}: this is a file; give a folder to write the run to")
     root = Path(out_dir) / "checkpoints"
     found = sorted(p.name for p in root.glob("step-*")) if root.is_dir() else []
     if found:
