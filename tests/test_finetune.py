@@ -807,6 +807,14 @@ def test_validation_labels_match_training_classes_by_name(tiny_bert, tmp_path):
               "--validation", csv, "--out", out, "--max-steps", "1", "--batch-size", "8", "--no-progress")
     assert res.code == 0, res.err
     assert json.loads((out / "metrics.json").read_text())["validation"]["n"] == 6
+    # predictions.jsonl names gold and predicted classes as the saved model does, as `evaluate` writes them
+    res = cli("evaluate", "--model", out / "final", "--task", "classify", "--data", csv,
+              "--predictions", tmp_path / "p.jsonl")
+    assert res.code == 0, res.err
+    ours, theirs = ([json.loads(x) for x in f.read_text().splitlines()] for f in (out / "predictions.jsonl",
+                                                                                    tmp_path / "p.jsonl"))
+    assert [(r["label"], r["prediction"]) for r in ours] == [(r["label"], r["prediction"]) for r in theirs]
+    assert [r["label"] for r in ours] == ["0", "1", "2"] * 2 and all(isinstance(r["prediction"], str) for r in ours)
 
 
 def test_qa_lora(tiny_bert, tmp_path):

@@ -327,11 +327,18 @@ def test_a_reply_starting_with_whitespace_is_trained_on_the_prompt_inference_sen
     assert merged  # the case arises with this tokenizer: whole-text tokens do run across the boundary
 
 
-@pytest.mark.parametrize("template", ["chatml", "plain"])
+# a template that ends a reply with no special token: fine-tuning closes each reply with EOS itself
+BARE_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n' }}"
+                 "{% else %}{{ 'Assistant: ' + m['content'] + '\n' }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template", ["chatml", "plain", "bare"])
 def test_every_later_turn_is_trained_on_the_prompt_inference_encodes(ws_tok_dir, template):
     """In a multi-turn chat, an earlier reply starting with whitespace keeps the tokens it was trained as in every
     later prompt, in training and in encode_prompt (predict, chat, serve) alike; tokenizing the whole history at
-    once would merge that whitespace into the template's newline, a prompt the model never saw."""
+    once would merge that whitespace into the template's newline, a prompt the model never saw. With a template
+    that writes no end token, each earlier reply in the prompt ends with the EOS that training closed it with."""
     import random
 
     from lmforge.tasks.sft import (detect_end_of_turn, encode_prompt, encode_text, plain_chat_template, render,
@@ -340,6 +347,8 @@ def test_every_later_turn_is_trained_on_the_prompt_inference_encodes(ws_tok_dir,
     tok = _tokenizer(ws_tok_dir)
     if template == "plain":
         tok.chat_template = plain_chat_template(tok.eos_token)
+    elif template == "bare":
+        tok.chat_template = BARE_TEMPLATE
     setup_chat(tok)
     end_id = tok.convert_tokens_to_ids(detect_end_of_turn(tok) or tok.eos_token)
     rng = random.Random(0)
@@ -355,8 +364,11 @@ def test_every_later_turn_is_trained_on_the_prompt_inference_encodes(ws_tok_dir,
         starts = [k for k in range(len(labels)) if labels[k] != -100 and (k == 0 or labels[k - 1] == -100)]
         replies = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
         assert len(starts) == len(replies)
-        for k, i in zip(starts, replies):
-            assert f["input_ids"][:k] == encode_prompt(tok, msgs[:i]), (msgs, i)
+        for n, (k, i) in enumerate(zip(starts, replies)):
+            prompt = encode_prompt(tok, msgs[:i])
+            assert prompt == f["input_ids"][:k], (msgs, i)
+            if template == "bare":
+                assert prompt.count(end_id) == n  # every earlier reply closed with EOS, as training closed it
             whole_differs += encode_text(tok, render(tok, msgs[:i], add_generation_prompt=True)) != f["input_ids"][:k]
     assert whole_differs  # the case arises: whole-text tokens of the history are not what was trained
     from types import SimpleNamespace

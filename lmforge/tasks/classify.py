@@ -158,8 +158,11 @@ class ClassifyTask(Task):
         else:
             pred = [self.labels[i] for i in scores.argmax(-1)]
             metrics = classification_metrics(gold, pred, self.labels)
-            for r, p, s in zip(loaded.rows, pred, scores):
-                row = {"text": r["text"], "label": r["label"], "prediction": p,
+            # gold and predicted labels by the names the saved model knows them as (config.id2label), as
+            # `lmforge predict` and serve print them: the same file whether finetune or evaluate writes it,
+            # and a CSV's class 1 compares equal to a JSON file's "1"
+            for r, g, p, s in zip(loaded.rows, gold, pred, scores):
+                row = {"text": r["text"], "label": str(g), "prediction": str(p),
                        "probabilities": {str(lab): round(float(x), 5) for lab, x in zip(self.labels, s)}}
                 if r.get("text_pair") is not None:
                     row["text_pair"] = r["text_pair"]

@@ -92,25 +92,32 @@ def _special_ids(tokenizer) -> set[int]:
     return ids
 
 
-def detect_end_of_turn(tokenizer) -> str | None:
-    """The token the chat template closes an assistant turn with: the first special token after the reply
-    (<|im_end|> for ChatML, <|eot_id|> for Llama 3, </s> for Mistral, <end_of_turn> for Gemma); EOS when
-    the template writes none."""
+def _turn_closer(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant reply, or None where the template
+    writes none (plain text or nothing follows) or rejects the probe chat."""
     probe = "lmforge probe reply"
     try:
         text = render(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}])
-    except Exception:  # templates may reject odd conversations; EOS is the safe answer
-        return tokenizer.eos_token
+    except Exception:  # templates may reject odd conversations
+        return None
     at = text.rfind(probe)
     if at < 0:
-        return tokenizer.eos_token
+        return None
     special = _special_ids(tokenizer)
     for t in encode_text(tokenizer, text[at + len(probe):]):
         if t in special:
-            return tokenizer.convert_ids_to_tokens(t)
+            return t
         if tokenizer.decode([t]).strip():
             break  # plain text after the reply before any special token: the template has no end token
-    return tokenizer.eos_token
+    return None
+
+
+def detect_end_of_turn(tokenizer) -> str | None:
+    """The token the chat template closes an assistant turn with: the first special token after the reply
+    (<|im_end|> for ChatML, <|eot_id|> for Llama 3, </s> for Mistral, <end_of_turn> for Gemma); EOS when
+    the template writes none (fine-tuning then closes each reply with EOS itself: _close_turns)."""
+    closer = _turn_closer(tokenizer)
+    return tokenizer.eos_token if closer is None else tokenizer.convert_ids_to_tokens(closer)
 
 
 def adds_bos(tokenizer) -> bool:
@@ -406,66 +413,74 @@ def _replies_aligned(messages: list[dict], text: str, offsets) -> bool:
 def encode_prompt(tokenizer, messages: list[dict], limit: int | None = None) -> list[int]:
     """Token ids of template(messages, add_generation_prompt), as fine-tuning tokenized the prompt for a reply:
     the earlier replies keep the tokens they were trained (and generated) as, where tokenizing the whole text
-    at once would merge a reply's leading whitespace into the template's newline. `messages` as the template
-    accepts them (render_accepted). Used by predict, chat and serve so that a later turn's prompt is one the
-    model saw in training. A prompt of more than `limit` tokens (one the caller refuses or cuts anyway) is
-    tokenized whole: turn by turn costs an encoding per turn."""
+    at once would merge a reply's leading whitespace into the template's newline; and where the template ends
+    a reply with no special token, each earlier reply is closed with EOS, as training closed it. `messages` as
+    the template accepts them (render_accepted). Used by predict, chat and serve so that a later turn's prompt
+    is one the model saw in training. A prompt of more than `limit` tokens (one the caller refuses or cuts
+    anyway) is tokenized whole: turn by turn costs an encoding per turn."""
     text = render(tokenizer, messages, add_generation_prompt=True)
     whole, offsets = encode_text(tokenizer, text, offsets=True)
-    if (not any(m["role"] == "assistant" for m in messages) or (limit is not None and len(whole) > limit)
-            or _replies_aligned(messages, text, offsets)):
+    if not any(m["role"] == "assistant" for m in messages) or (limit is not None and len(whole) > limit):
         return whole
-    found = _turnwise(tokenizer, messages, text)
-    if found is None:
-        return whole
-    built, _, done = found
-    return _extend(tokenizer, built, done, text)
+    ids, spans = whole, None
+    if not _replies_aligned(messages, text, offsets):
+        found = _turnwise(tokenizer, messages, text)
+        if found is not None:
+            built, spans, done = found
+            ids = _extend(tokenizer, built, done, text)
+    if tokenizer.eos_token_id is None or _turn_closer(tokenizer) is not None:
+        return ids
+    if spans is None:
+        spans, _ = assistant_spans(tokenizer, messages, ids, text)
+    return _close_turns(tokenizer, ids, spans, tokenizer.eos_token_id)[0]
 
 
-def encode_conversation(tokenizer, messages: list[dict], end_id: int, max_length: int | None = None,
-                        train_all_assistant: bool = True) -> dict | None:
+def _close_turns(tokenizer, ids: list[int], spans: list[tuple[int, int]],
+                 end_id: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """(`ids` with every assistant turn in `spans` ending at `end_id`, the turns' new token ranges). A turn
+    ends at its last `end_id` (what follows, a newline, is template); a turn without one (a template that
+    writes no end token) loses its trailing whitespace tokens to the template and gets `end_id` appended, so
+    the model learns to stop."""
+    out: list[int] = []
+    turns = []
+    pos = 0
+    for a, b in spans:
+        a = max(a, pos)
+        out += ids[pos:a]
+        seg = ids[a:b]
+        ends = [k for k, t in enumerate(seg) if t == end_id]
+        if ends:
+            cut = ends[-1] + 1
+            closed = seg[:cut]
+        else:
+            cut = len(seg)
+            while cut > 1 and not tokenizer.decode([seg[cut - 1]]).strip():
+                cut -= 1
+            closed = seg[:cut] + [end_id]
+        turns.append((len(out), len(out) + len(closed)))
+        out += closed + seg[cut:]
+        pos = b
+    return out + ids[pos:], turns
+
+
+def encode_conversation(tokenizer, messages: list[dict], end_id: int, max_length: int | None = None) -> dict | None:
     """{"input_ids", "attention_mask", "labels"} with labels only on assistant tokens, each assistant turn
     ending with `end_id` (appended where the template did not write it). None when truncation to
-    `max_length` leaves no assistant token. With train_all_assistant=False only the last turn is learned."""
+    `max_length` leaves no assistant token."""
     text, messages = render_accepted(tokenizer, messages)
     ids = encode_text(tokenizer, text)
     spans, exact = assistant_spans(tokenizer, messages, ids, text)
     if not exact:
         ids, spans = turnwise_ids(tokenizer, messages, text, ids) or (ids, spans)
-    if not train_all_assistant:
-        spans = spans[-1:]
-    out_ids: list[int] = []
-    labels: list[int] = []
-    pos = 0
-    for a, b in spans:
-        a = max(a, pos)
-        out_ids += ids[pos:a]
-        labels += [-100] * (a - pos)
-        seg = ids[a:b]
-        ends = [k for k, t in enumerate(seg) if t == end_id]
-        if ends:
-            cut = ends[-1] + 1  # the turn ends at its end token; what follows (a newline) is template
-            out_ids += seg[:cut]
-            labels += seg[:cut]
-            out_ids += seg[cut:]
-            labels += [-100] * (len(seg) - cut)
-        else:
-            # no end token in the turn: drop trailing whitespace tokens, then close the turn ourselves
-            cut = len(seg)
-            while cut > 1 and not tokenizer.decode([seg[cut - 1]]).strip():
-                cut -= 1
-            out_ids += seg[:cut] + [end_id]
-            labels += seg[:cut] + [end_id]
-            out_ids += seg[cut:]
-            labels += [-100] * (len(seg) - cut)
-        pos = b
-    out_ids += ids[pos:]
-    labels += [-100] * (len(ids) - pos)
+    ids, turns = _close_turns(tokenizer, ids, spans, end_id)
+    labels = [-100] * len(ids)
+    for a, b in turns:
+        labels[a:b] = ids[a:b]
     if max_length:
-        out_ids, labels = out_ids[:max_length], labels[:max_length]
+        ids, labels = ids[:max_length], labels[:max_length]
     if all(x == -100 for x in labels):
         return None
-    return {"input_ids": out_ids, "attention_mask": [1] * len(out_ids), "labels": labels}
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
 def split_for_generation(messages: list[dict]) -> tuple[list[dict], str]:
