@@ -27,6 +27,7 @@ import functools
 import hmac
 import json
 import math
+import re
 import threading
 import time
 import uuid
@@ -98,18 +99,40 @@ def _loc_param(loc) -> str | None:
     return out
 
 
-def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
+def _validation_message(errors: list[dict], body: Any = None,
+                        content_type: str | None = None) -> tuple[str, str | None]:
+    if isinstance(body, (bytes, bytearray)) and body:
+        # FastAPI parses JSON only under a JSON content type and validates anything else as raw bytes, whose
+        # error would say a JSON object is needed, which the body may well be (curl -d sends it as a form)
+        sent = f"this request's is {content_type!r}" if content_type else "it was sent without a Content-Type"
+        return f"the request body must be sent with the header 'Content-Type: application/json' ({sent})", None
     if not errors:
         return "invalid request", None
     e = errors[0]
     if e.get("type") == "json_invalid":
         return f"the request body is not valid JSON ({e.get('ctx', {}).get('error', 'parse error')})", None
     param = _loc_param(e.get("loc", ()))
-    if param is None and e.get("type") in ("missing", "model_type", "model_attributes_type", "dict_type"):
+    if param is None and e.get("type") == "missing":
+        return "the request body is empty: send a JSON object", None
+    if param is None and e.get("type") in ("model_type", "model_attributes_type", "dict_type"):
         return "the request body must be a JSON object", None
     msg = e.get("msg", "invalid value")
     # unions report one error per member type; the first says enough
     return (f"{param}: {msg}" if param else msg), param
+
+
+def _undecodable_body(cause: BaseException) -> str:
+    """Why FastAPI could not parse a body beyond JSON's syntax (it says only 'There was an error parsing the
+    body'): bytes that are not the text json.loads took them for, nesting beyond Python's recursion limit, or
+    an integer beyond its digit limit."""
+    if isinstance(cause, UnicodeDecodeError):
+        bad = cause.object[cause.start:cause.start + 1].hex()
+        enc = "UTF-8" if cause.encoding.lower().replace("-", "") == "utf8" else cause.encoding
+        return f"the request body is not valid {enc} (byte 0x{bad} at offset {cause.start}); send JSON as UTF-8"
+    if isinstance(cause, RecursionError):
+        return "the request body is not valid JSON (nested too deeply)"
+    # the rest of ValueError's message tells a server's operator how to lift the limit
+    return f"the request body is not valid JSON ({str(cause).split(';')[0]})"
 
 
 class Disconnected(Exception):
@@ -233,7 +256,7 @@ def create_app(model_path: str | Path, *, model_name: str | None = None, api_key
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, e: RequestValidationError):
-        msg, param = _validation_message(list(e.errors()))
+        msg, param = _validation_message(list(e.errors()), e.body, request.headers.get("content-type"))
         return JSONResponse(error_body(msg, "invalid_request_error", param, "invalid_value"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
@@ -245,6 +268,9 @@ def create_app(model_path: str | Path, *, model_name: str | None = None, api_key
                    f"{', '.join(state.endpoints)}")
         elif e.status_code == 404:
             msg = f"no such endpoint: {request.method} {request.url.path}"
+        elif e.status_code == 400 and isinstance(e.__cause__, ValueError | RecursionError):
+            # FastAPI's "There was an error parsing the body": json.loads failed beyond a syntax error
+            msg, code = _undecodable_body(e.__cause__), "invalid_value"
         typ = "invalid_request_error" if e.status_code < 500 else "server_error"
         return JSONResponse(error_body(msg, typ, None, code), status_code=e.status_code,
                             headers=getattr(e, "headers", None))
@@ -412,9 +438,10 @@ def _add_generation_routes(app: FastAPI, state: State) -> None:
                            "unsupported")
         messages = _chat_messages(body.messages)
         ids = await anyio.to_thread.run_sync(_chat_prompt, state, messages)
-        if body.max_completion_tokens is not None:
-            body.max_tokens = body.max_completion_tokens
-        params = _sampling(state, body, [len(ids)], default_max=None, param="max_tokens",
+        param = "max_tokens"
+        if body.max_completion_tokens is not None:  # errors name the field the client sent
+            body.max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
+        params = _sampling(state, body, [len(ids)], default_max=None, param=param,
                            stop_ids=state.served.chat_stop_ids)
         return await _generate(state, request, "chat.completion", [ids], body.n or 1, params, body)
 
@@ -506,6 +533,36 @@ def _chat_messages(messages: list[S.ChatMessage]) -> list[dict]:
     return out
 
 
+@functools.lru_cache(maxsize=4)
+def _special_texts(tokenizer) -> re.Pattern | None:
+    """The texts of the tokenizer's special tokens, as one pattern (None where it has none)."""
+    texts = set(tokenizer.all_special_tokens)
+    texts |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    texts = sorted((t for t in texts if t), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, texts))) if texts else None
+
+
+def _check_chat_content(state: State, messages: list[dict]) -> None:
+    """Refuse a chat the template cannot render into the context or whose content holds special-token text."""
+    ctx = state.served.context_length
+    filled = sum(1 for m in messages if m["content"])
+    if filled > ctx:
+        # every message with content renders to one token at least: refused before rendering, which for a
+        # body of a million one-character messages took a minute
+        raise APIError(400, f"messages: {filled} messages with content cannot fit in this model's maximum "
+                            f"context length of {ctx} tokens", "messages", "context_length_exceeded")
+    pattern = _special_texts(state.served.tokenizer)
+    for i, m in enumerate(messages):
+        found = pattern.search(m["content"]) if pattern is not None else None
+        if found:
+            # tokenized with the rendered chat, it would be the token itself: a message could end its turn and
+            # open one in another role (a system turn). As tiktoken does by default, such text is refused.
+            raise APIError(400, f"messages[{i}].content: contains {found.group()!r}, a special token of this "
+                                f"model's chat template; a message cannot hold one (send a prompt with the "
+                                f"template written out to /v1/completions)", f"messages[{i}].content",
+                           "invalid_value")
+
+
 def _chat_prompt(state: State, messages: list[dict]) -> list[int]:
     from lmforge.tasks.sft import encode_prompt, render_accepted
 
@@ -513,6 +570,7 @@ def _chat_prompt(state: State, messages: list[dict]) -> list[int]:
     if not getattr(tok, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages",
                        "unsupported")
+    _check_chat_content(state, messages)
     try:
         # a system message that the template has no role for (Gemma) goes into the first user turn, as in
         # fine-tuning and lmforge chat
@@ -536,7 +594,7 @@ def _sampling(state: State, body, prompt_lens: list[int], default_max: int | Non
     if body.max_tokens is not None:
         mt = body.max_tokens
         if mt > state.max_tokens_limit:
-            raise APIError(400, f"max_tokens: {mt} is above this server's limit of {state.max_tokens_limit}",
+            raise APIError(400, f"{param}: {mt} is above this server's limit of {state.max_tokens_limit}",
                            param, "invalid_value")
         if mt > room:
             raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
@@ -926,7 +984,9 @@ def _add_translate_route(app: FastAPI, state: State) -> None:
         s = state.served
         extras = s.extras
         finetune = extras.get("finetune") or {}
-        max_new = body.max_tokens or int(finetune.get("max_new_tokens") or 128)
+        # the fine-tuned length is a default: like completions' and chat's, it stays within the server's limit
+        # (an error would name max_tokens, which the client never sent)
+        max_new = body.max_tokens or min(int(finetune.get("max_new_tokens") or 128), state.max_tokens_limit)
         if max_new > state.max_tokens_limit:
             raise APIError(400, f"max_tokens: {max_new} is above this server's limit of {state.max_tokens_limit}",
                            "max_tokens", "invalid_value")

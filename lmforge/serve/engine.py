@@ -453,7 +453,10 @@ class Engine:
             if self._stop:
                 raise EngineClosed()
             free = self.max_batch - self._busy() - len(self._pending)
-            if len(handle.seqs) > free and self._queued_requests() >= self.max_queue:
+            # an idle engine takes any request, even one wider than the batch (n x prompts > max_batch, whose
+            # rest waits for its first rows): refused, it would be refused on every retry ("busy, retry")
+            idle = not self._busy() and not self._pending
+            if len(handle.seqs) > free and not idle and self._queued_requests() >= self.max_queue:
                 self.stats["rejected_queue_full"] += 1
                 raise QueueFull()
             self._pending.extend(handle.seqs)
