@@ -617,10 +617,12 @@ def _sampling(state: State, body, prompt_lens: list[int], default_max: int | Non
         if len(body.logit_bias) > 1024:
             raise APIError(400, "logit_bias: at most 1024 entries", "logit_bias", "invalid_value")
         for k, v in body.logit_bias.items():
-            try:
-                t = int(k)
-            except ValueError:
-                raise APIError(400, f"logit_bias: key {k!r} is not a token id", "logit_bias", "invalid_value") from None
+            # a token id in ASCII digits, as OpenAI takes it (int() would also read " 5", "1_0" and other scripts'
+            # digits); a long bad key is quoted in part
+            if not (k.isascii() and k.isdigit() and len(k) <= 12):
+                shown = k if len(k) <= 40 else k[:40] + "..."
+                raise APIError(400, f"logit_bias: key {shown!r} is not a token id", "logit_bias", "invalid_value")
+            t = int(k)
             if not 0 <= t < vocab:
                 raise APIError(400, f"logit_bias: token id {t} is outside the vocabulary", "logit_bias",
                                "invalid_value")
