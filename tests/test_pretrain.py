@@ -307,6 +307,55 @@ def test_resume_survives_what_a_kill_leaves_and_names_damage(tmp_path, tiny_run,
                       "resume from step-000004")
 
 
+def test_a_kill_mid_delete_of_an_old_checkpoint_leaves_no_half_checkpoint(tmp_path, tiny_run, monkeypatch):
+    """save_checkpoint removes checkpoints past --keep-checkpoints; a kill during that removal left a step-*
+    folder without its weights, which --resume's fallback or the damaged-checkpoint hint could name."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    real = shutil.rmtree
+
+    def killed_mid_delete(path, *a, **kw):  # the weights are unlinked, then the process dies
+        if "step-" in Path(path).name:
+            (Path(path) / "model.safetensors").unlink()
+            raise KeyboardInterrupt
+        return real(path, *a, **kw)
+
+    out = tmp_path / "d"
+    args = fast_args(tiny_run, out, "--max-steps", "6", "--save-interval", "1", "--keep-checkpoints", "1")
+    monkeypatch.setattr(shutil, "rmtree", killed_mid_delete)
+    assert cli(*args).code == 130  # interrupted while step-000001 went on step-000002's save
+    monkeypatch.setattr(shutil, "rmtree", real)
+    root = out / "checkpoints"
+    for folder in root.glob("step-*"):
+        load_file(folder / "model.safetensors")
+    res = cli("pretrain", "--out", out, "--resume")
+    assert res.code == 0 and "at step 2" in res.out, res.err
+    assert not list(root.glob(".tmp-*"))
+
+
+def test_a_kill_once_final_is_written_leaves_a_complete_run(tmp_path, tiny_run, monkeypatch):
+    """--resume takes a run with DIR/final for finished: a kill just after DIR/final was written (where SIGTERM
+    meets the default handler) must not leave a run without metrics.json that no --resume completes."""
+    from lmforge.train import checkpoint as ckpt
+
+    real = ckpt.write_folder_atomic
+
+    def killed_after(dest, write):
+        real(dest, write)
+        if Path(dest).name == "final":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "write_folder_atomic", killed_after)
+    out = tmp_path / "f"
+    assert cli(*fast_args(tiny_run, out, "--max-steps", "2", "--log-interval", "1")).code == 130
+    monkeypatch.setattr(ckpt, "write_folder_atomic", real)
+    res = cli("pretrain", "--out", out, "--resume")
+    assert res.code == 0 and "finished run" in res.out, res.err
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2 and (out / "loss.png").is_file()
+
+
 def test_resume_needs_no_init_from_model(tmp_path, tiny_run):
     import shutil
 

@@ -432,7 +432,6 @@ def run(cfg: PretrainConfig) -> dict:
             model.save_hf(folder, model_state)
             tokenizer.save_pretrained(folder)
             (folder / "lmforge_config.yaml").write_text(config_yaml, encoding="utf-8")
-        ckpt.write_folder_atomic(final, write_final)
         rows = [r for r in log.rows() if "tokens_per_s" in r]
         tps = [r["tokens_per_s"] for r in rows[1:]] or [r["tokens_per_s"] for r in rows]
         summary = {
@@ -450,6 +449,9 @@ def run(cfg: PretrainConfig) -> dict:
         }
         log.summary(summary)
         plot = log.plot()
+        # DIR/final last: --resume takes a run that has it for finished, so a kill just after it was written (a
+        # SIGTERM here meets the default handler) left a run without metrics.json that no --resume completed
+        ckpt.write_folder_atomic(final, write_final)
         print(f"done in {format_duration(train_seconds)}: val bits/byte {summary['val_bits_per_byte']:.4f}, "
               f"perplexity {summary['val_perplexity']:.2f}"
               + (f" (before: {summary['initial_val_perplexity']:.2f})" if cfg.init_from and first_eval else ""),

@@ -108,8 +108,19 @@ def save_checkpoint(out_dir: str | Path, step: int, write_model: Callable[[Path]
     done = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in done[:-keep] if keep > 0 else []:
         if old != final and old.name not in protect:
-            shutil.rmtree(old, ignore_errors=True)
+            discard(old)
     return final
+
+
+def discard(folder: Path) -> None:
+    """Delete a checkpoint folder, first renamed to a .tmp- name that tidy_leftovers clears: a kill mid-delete
+    (a model's worth of files, slow to unlink on a network file system) left a step-* folder with half its files,
+    which --resume, evaluate or a damaged-checkpoint message could pick."""
+    doomed = folder.with_name(f".tmp-{folder.name}-deleted")
+    if doomed.exists():  # an earlier run's, killed mid-delete: os.replace needs the name
+        shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
