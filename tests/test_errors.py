@@ -295,3 +295,25 @@ def test_a_run_of_the_other_training_verb_is_named_with_its_own_resume(tmp_path,
     # its config.yaml's options are "unknown" to finetune: say what the folder is instead
     assert_user_error(cli("finetune", "--out", run, "--resume"), "is a pretrain run",
                       f"lmforge pretrain --out {run} --resume")
+
+
+# ---- data-loading audit (2026-12-09): each of these failed before its fix
+
+def test_corpus_folders_leave_hidden_files_out_and_read_gzip_by_its_bytes(tmp_path):
+    """Jupyter's .ipynb_checkpoints copy was trained on twice; gzip saved as .txt was 'not valid UTF-8'."""
+    import gzip
+
+    from lmforge.data.corpus import iter_documents, resolve_sources
+
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("one")
+    (tmp_path / "._b.txt").write_bytes(b"\x00\x05\x16\x07\xff")  # macOS's AppleDouble file from a zip
+    (tmp_path / "a.txt").write_text("one")
+    (tmp_path / "b.txt").write_bytes(gzip.compress(b"two"))
+    assert list(iter_documents(resolve_sources([str(tmp_path)]))) == ["one", "two"]
+
+
+def test_jsonl_corpus_names_json_types(tmp_path):
+    f = tmp_path / "docs.jsonl"
+    f.write_text('{"text": "a"}\n{"text": null}\n', encoding="utf-8")
+    assert_user_error(pretrain(f, tmp_path / "out"), f"{f}:2:", "field 'text' must be a string, got null")

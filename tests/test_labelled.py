@@ -857,3 +857,88 @@ def test_skip_bad_rows_and_bad_bytes_outside_a_record(tmp_path):
     assert_has(error(str(whole), "classify", skip_bad_rows=True), "w.json:1:", "not valid UTF-8")
     tsv = write(tmp_path / "d.tsv", b"text\tlabel\nok\t1\nno\xff\t0\nfine\t0\n")
     assert load_examples(str(tsv), "classify", skip_bad_rows=True).line_numbers == [2, 4]
+
+
+# ---- data-loading audit (2026-12-09): each of these failed before its fix
+
+def test_gzip_is_read_by_its_bytes_without_a_gz_suffix(tmp_path):
+    """A download saved without its .gz (curl -o data.jsonl) was 'not valid UTF-8 (byte 0x8b ...)'."""
+    rows = b'{"text": "good", "label": 1}\n{"text": "bad", "label": 0}\n'
+    path = write(tmp_path / "d.jsonl", gzip.compress(rows))
+    assert [r["label"] for r in load_examples(str(path), "classify").rows] == [1, 0]
+    path = write(tmp_path / "d.csv", gzip.compress(b"text,label\ngood,1\nbad,0\n"))
+    assert load_examples(str(path), "classify").line_numbers == [2, 3]
+
+
+def test_json_lines_named_json_and_a_json_list_named_jsonl(tmp_path):
+    """`Dataset.to_json("x.json")` writes JSON Lines (it was 'invalid JSON (Extra data)'); a JSON list saved as
+    .jsonl was 'expected a JSON object, got a list', or pretty-printed, an 'invalid JSON' "[" on line 1."""
+    lines = write(tmp_path / "d.json", "".join(json.dumps(o) + "\n" for o in CLASSIFY_ROWS))
+    got = load_examples(str(lines), "classify")
+    assert [r["label"] for r in got.rows] == [1, 0] and got.line_numbers == [1, 2]
+    write(lines, json.dumps(CLASSIFY_ROWS[0]) + "\n{oops\n")  # still reported by line, as JSON Lines
+    assert_has(error(str(lines), "classify"), "d.json:2:", "invalid JSON")
+    for name, body in (("one.jsonl", json.dumps(CLASSIFY_ROWS)), ("pretty.jsonl", json.dumps(CLASSIFY_ROWS, indent=2))):
+        got = load_examples(str(write(tmp_path / name, body)), "classify")
+        assert [r["label"] for r in got.rows] == [1, 0]
+    assert got.line_numbers == [2, 6]
+
+
+def test_semicolon_csv_from_european_excel(tmp_path):
+    """Read with commas it was one column 'text;label' ('no text field'), or '2 columns, but the header has 1'."""
+    path = write(tmp_path / "d.csv", "\ufeffText;Label\nhallo, welt;1\ngut;0\n")
+    got = load_examples(str(path), "classify")
+    assert got.rows[0] == {"text": "hallo, welt", "text_pair": None, "label": 1}
+    assert got.fields == {"text": "Text", "label": "Label"} and got.line_numbers == [2, 3]
+    path = write(tmp_path / "c.csv", "text,label\nsee; also,1\nb,0\n")  # a comma header stays a comma file
+    assert load_examples(str(path), "classify").rows[0]["text"] == "see; also"
+
+
+def test_squad_article_without_paragraphs_is_named(tmp_path):
+    """It made the whole file flat records: 'no question field ... (fields: paragraphs)'."""
+    para = {"context": "Paris is in France.", "qas": [{"id": "q", "question": "Where?", "answers": []}]}
+    for bad, why in (({"title": "x"}, "(it has none)"), (3, "(the article is a number)")):
+        path = write(tmp_path / "squad.json", json.dumps({"data": [{"paragraphs": [para]}, bad]}))
+        assert_has(error(str(path), "qa"), "squad.json:1:", "data[1].paragraphs must be a list", why)
+
+
+def test_string_labels_are_stripped_in_json_as_in_csv(tmp_path):
+    """'pos ' beside 'pos' was a third class in JSON (CSV cells were stripped)."""
+    path = jsonl(tmp_path / "d.jsonl", {"text": "a", "label": "pos "}, {"text": "b", "label": "pos"},
+                 {"text": "c", "label": " neg"})
+    assert [r["label"] for r in load_examples(str(path), "classify").rows] == ["pos", "pos", "neg"]
+    assert_has(error(str(jsonl(tmp_path / "e.jsonl", {"text": "a", "label": "  "})), "classify"),
+               "e.jsonl:1:", "field 'label' is empty")
+
+
+@pytest.mark.parametrize("user, assistant", [("Human", "GPT"), ("human", "chatgpt"), ("User", "Assistant"),
+                                             ("user", "model"), ("user", "bot")])
+def test_chat_role_names_of_other_formats(tmp_path, user, assistant):
+    """ShareGPT's capitalised and 'chatgpt' turns, Gemma's 'model' and 'bot' were 'not one of system, user, ...'."""
+    path = jsonl(tmp_path / "c.jsonl", {"conversations": [{"from": user, "value": "Hi"},
+                                                          {"from": assistant, "value": "Hello!"}]})
+    assert load_examples(str(path), "sft").rows == [{"messages": SFT_USER_ASSISTANT}]
+
+
+def test_translate_source_and_target_must_be_two_fields(tmp_path):
+    """--source-field en --target-field en trained a copier, and scored it perfect."""
+    path = jsonl(tmp_path / "t.jsonl", {"en": "the dog", "es": "el perro"})
+    assert_has(error(str(path), "translate", {"source": "en", "target": "en"}), "t.jsonl:1:",
+               "the source and the target are one field 'en'", "--target-field")
+
+
+def test_qa_answer_texts_without_offsets(tmp_path):
+    """A list of answer strings, or {"text": [...]} without answer_start, is found in the context like one string
+    answer is (they were 'each answer must be an object' and 'lists of the same length')."""
+    ctx = "Ada Lovelace wrote the first program in 1843."
+    path = jsonl(tmp_path / "q.jsonl", {"question": "Who?", "context": ctx, "answers": ["Lovelace", "Ada"]},
+                 {"question": "When?", "context": ctx, "answers": {"text": ["1843"]}})
+    assert [r["answers"] for r in load_examples(str(path), "qa").rows] == [
+        {"text": ["Lovelace", "Ada"], "answer_start": [4, 0]}, {"text": ["1843"], "answer_start": [40]}]
+    path = jsonl(tmp_path / "n.jsonl", {"question": "Who?", "context": ctx, "answers": ["Babbage"]})
+    assert_has(error(str(path), "qa"), "n.jsonl:1:", "'Babbage' does not occur in the context")
+
+
+def test_a_single_training_class_names_the_file():
+    with pytest.raises(LmforgeError, match=r"^train\.csv: the training data has a single label 'pos'"):
+        build_label_map(["pos", "pos"], source="train.csv")

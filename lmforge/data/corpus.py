@@ -1,7 +1,8 @@
 """Reading unlabelled text: files, folders and built-in corpora, with errors that say where.
 
 A source is a .txt file (one document), a .jsonl file (one document per line, in a text field), either
-gzip-compressed, a folder of such files (searched recursively, sorted), or the name of a built-in corpus.
+gzip-compressed, a folder of such files (searched recursively, sorted, hidden ones left out), or the name of a
+built-in corpus.
 Every byte is decoded as strict UTF-8: a bad byte is reported with its file, line and column.
 """
 from __future__ import annotations
@@ -40,6 +41,12 @@ def _kind(path: Path) -> str | None:
     return None
 
 
+def _hidden(path: Path, folder: Path) -> bool:
+    """A file in a hidden folder or itself hidden: Jupyter's .ipynb_checkpoints copies (the same text twice),
+    .git, and the ._ files macOS leaves in zips (binary), which `datasets` leaves out of folders too."""
+    return any(part.startswith(".") for part in path.relative_to(folder).parts)
+
+
 def resolve_sources(specs: list[str]) -> list[Source]:
     """Expand built-in names, files and folders into a sorted, de-duplicated list of sources."""
     if not specs:
@@ -54,7 +61,7 @@ def resolve_sources(specs: list[str]) -> list[Source]:
         if spec in BUILTIN_CORPORA and not path.exists():
             out.append(Source(BUILTIN_DIR / BUILTIN_CORPORA[spec], "txt"))
         elif path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p))
+            found = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) and not _hidden(p, path))
             if not found:
                 raise LmforgeError(f"{path}: folder has no {', '.join(TEXT_SUFFIXES)} files")
             out.extend(Source(p, _kind(p)) for p in found)
@@ -74,10 +81,15 @@ def resolve_sources(specs: list[str]) -> list[Source]:
     return unique
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
 def read_bytes(path: Path) -> bytes:
     try:
         raw = path.read_bytes()
-        if path.name.lower().endswith(".gz"):
+        # by content, not only by name: a download saved without its .gz (curl -o data.jsonl) is still gzip, and
+        # its second byte would otherwise be reported as "not valid UTF-8"; 0x1f 0x8b never starts UTF-8 text
+        if path.name.lower().endswith(".gz") or raw.startswith(_GZIP_MAGIC):
             raw = gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as e:  # zlib.error: a gzip stream with corrupt data
         raise LmforgeError(f"{path}: cannot read ({e})") from None
@@ -114,6 +126,12 @@ def read_text(path: Path) -> str:
     return text
 
 
+def json_type(value) -> str:
+    """A value's kind as JSON names it ("null", "a number"), for messages; Python's names ("NoneType") else."""
+    return {dict: "an object", list: "a list", type(None): "null", bool: "a boolean", str: "a string",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
 def iter_jsonl(path: Path, field: str | None = None) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; malformed lines raise with their line number."""
     text = _without_bom(decode_utf8(read_bytes(path), path))
@@ -126,7 +144,7 @@ def iter_jsonl(path: Path, field: str | None = None) -> Iterator[tuple[int, dict
         except json.JSONDecodeError as e:
             raise LmforgeError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
-            raise LmforgeError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            raise LmforgeError(f"{path}:{n}: expected a JSON object, got {json_type(obj)}")
         yield n, obj
 
 
@@ -144,7 +162,7 @@ def iter_documents(sources: list[Source], text_field: str = "text") -> Iterator[
             value = obj[text_field]
             if not isinstance(value, str):
                 raise LmforgeError(f"{src.path}:{n}: field '{text_field}' must be a string, "
-                                   f"got {type(value).__name__}")
+                                   f"got {json_type(value)}")
             if value.strip():
                 count += 1
                 yield value

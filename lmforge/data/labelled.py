@@ -28,7 +28,7 @@ from json.decoder import scanstring
 from pathlib import Path
 from typing import Any, Iterator
 
-from lmforge.data.corpus import BUILTIN_DIR, decode_utf8, read_bytes
+from lmforge.data.corpus import BUILTIN_DIR, decode_utf8, json_type as _type, read_bytes
 from lmforge.errors import LmforgeError, closest
 
 BUILTIN_SETS = {"rotten_tomatoes": "classify", "chinese_reviews": "classify", "bible_en_es": "translate",
@@ -326,8 +326,17 @@ def _bad_utf8(text: str) -> str | None:
 
 
 def _iter_jsonl(path: Path, src: str, skip_bad_bytes: bool = False) -> Iterator[_Record]:
+    text = _read_text(path, skip_bad_bytes)
+    if text.lstrip().startswith("["):
+        # a JSON list saved as .jsonl (pretty-printed or not) is read as the one document it is, as `datasets`
+        # reads it; line by line, its first line would be "expected a JSON object" or "[" an "invalid JSON"
+        return _iter_json(path, src)
+    return _jsonl_records(text, src)
+
+
+def _jsonl_records(text: str, src: str) -> Iterator[_Record]:
     # split on \n only: str.splitlines() also breaks at U+2028 and friends, which JSON strings may contain
-    for n, line in enumerate(_read_text(path, skip_bad_bytes).split("\n"), 1):
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         loc = f"{src}:{n}"
@@ -415,8 +424,18 @@ class _LineJson:
         return self._decoder.raw_decode(text, pos)
 
 
+def _json_lines(text: str, e: json.JSONDecodeError) -> bool:
+    """Whether a .json file that `e` stopped is JSON Lines: an object, then more data from a later line on
+    (`Dataset.to_json` and pandas' `to_json(lines=True)` write .json files so, and `datasets` reads them)."""
+    if e.msg != "Extra data" or not text.lstrip().startswith("{"):
+        return False
+    gap = len(text[:e.pos].rstrip(" \t\r\n"))  # the whitespace between the first object and what follows
+    return "\n" in text[gap:e.pos]
+
+
 def _iter_json(path: Path, src: str) -> Iterator[_Record]:
-    """A JSON list of objects, {"data": [...]} around one, or SQuAD's nested data[].paragraphs[].qas[]."""
+    """A JSON list of objects, {"data": [...]} around one, or SQuAD's nested data[].paragraphs[].qas[]; JSON
+    Lines in a .json file are read as JSON Lines."""
     text = _read_text(path)
     if not text.strip():
         return  # reported as "no examples" like any other empty file
@@ -424,6 +443,9 @@ def _iter_json(path: Path, src: str) -> Iterator[_Record]:
     try:
         top = parser.parse()
     except json.JSONDecodeError as e:
+        if _json_lines(text, e):
+            yield from _jsonl_records(text, src)
+            return
         raise LmforgeError(f"{src}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
     except RecursionError:
         raise LmforgeError(f"{src}: JSON nested too deeply") from None
@@ -435,7 +457,9 @@ def _iter_json(path: Path, src: str) -> Iterator[_Record]:
         top = top["data"]
     if not isinstance(top, list):
         raise LmforgeError(f"{src}:1: expected a JSON list of objects, got {_type(top)}")
-    if top and all(isinstance(a, dict) and "paragraphs" in a for a in top):
+    # one article with paragraphs makes the file SQuAD's: an article without them (a hand-edited file) is
+    # then an error about that article, not the whole list read as flat records lacking a question
+    if any(isinstance(a, dict) and "paragraphs" in a for a in top):
         yield from _flatten_squad(top, src, line)
         return
     for i, obj in enumerate(top):
@@ -448,10 +472,11 @@ def _iter_json(path: Path, src: str) -> Iterator[_Record]:
 
 def _flatten_squad(data: list, src: str, line) -> Iterator[_Record]:
     for i, article in enumerate(data):
-        paragraphs = article["paragraphs"]
+        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
         if not isinstance(paragraphs, list):
-            raise LmforgeError(f"{src}:{line(id(article), 1)}: data[{i}].paragraphs must be a list, "
-                               f"got {_type(paragraphs)}")
+            got = (f"got {_type(paragraphs)}" if isinstance(article, dict) and "paragraphs" in article else
+                   "it has none" if isinstance(article, dict) else f"the article is {_type(article)}")
+            raise LmforgeError(f"{src}:{line(id(article), 1)}: data[{i}].paragraphs must be a list ({got})")
         for j, para in enumerate(paragraphs):
             where = f"data[{i}].paragraphs[{j}]"
             if not isinstance(para, dict) or not isinstance(para.get("qas"), list):
@@ -472,8 +497,19 @@ def _flatten_squad(data: list, src: str, line) -> Iterator[_Record]:
                 yield _Record(n, loc, row)
 
 
+def _csv_delimiter(text: str) -> str:
+    """',' or ';': Excel saves CSV with semicolons where the decimal mark is a comma (most of Europe); read
+    with commas, such a file is one column named 'text;label'. A header that is one column with commas and
+    several with semicolons is taken to be such a file."""
+    first = next((line for line in text.split("\n") if line.strip()), "")
+    by_comma, by_semicolon = (next(csv.reader([first], delimiter=d)) for d in ",;")
+    return ";" if len(by_comma) == 1 and len(by_semicolon) > 1 else ","
+
+
 def _iter_csv(path: Path, src: str, delimiter: str, skip_bad_bytes: bool = False) -> Iterator[_Record]:
     text = _read_text(path, skip_bad_bytes)
+    if delimiter == ",":
+        delimiter = _csv_delimiter(text)
     # contexts of QA data easily pass the csv module's 128 KiB default cell limit
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     # TSV has no quoting convention (GLUE's files contain bare quotes), so quotes are kept as text there
@@ -704,6 +740,8 @@ def _resolve_translate(obj: dict, given: dict[str, str | None], fail, prefer: di
                 role = "target" if (src or guess_src) else "source"
                 fail(_no_field(inner, role, looked=_ROLES["translate"][0 if role == "source" else 1].candidates
                                + ("two language-code fields such as en/es",)))
+    if src == tgt:  # the model would learn to copy its input, and score perfectly doing so
+        fail(f"the source and the target are one field '{src}'; set --source-field and --target-field to two")
     result = {"source": src, "target": tgt, **out}
     if all(_LANG.match(k) and k.lower() not in _NOT_LANG - {"id"} for k in (src, tgt)):
         result["source_lang"], result["target_lang"] = src.lower(), tgt.lower()
@@ -711,11 +749,6 @@ def _resolve_translate(obj: dict, given: dict[str, str | None], fail, prefer: di
 
 
 # ----------------------------------------------------------------------------------------------- records
-
-def _type(value: Any) -> str:
-    return {dict: "an object", list: "a list", type(None): "null", bool: "a boolean", str: "a string",
-            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
-
 
 def _get(obj: dict, key: str, role: str) -> Any:
     if key not in obj:
@@ -757,10 +790,12 @@ def _classify(rec: _Record, f: dict[str, str]) -> dict:
     label = _get(obj, f["label"], "label")
     key = f["label"]
     if isinstance(label, str):
-        if not label.strip():
+        # "pos " beside "pos" (a spreadsheet's stray space) is the same class, in JSON as in CSV cells
+        label = label.strip()
+        if not label:
             raise _Bad(f"field '{key}' is empty")
         if rec.text_cells:
-            label = _number(label.strip(), key)
+            label = _number(label, key)
     elif label is None:
         raise _Bad(f"field '{key}' is null")
     elif isinstance(label, float) and not math.isfinite(label):
@@ -797,13 +832,17 @@ def _qa_answers(rec: _Record, f: dict[str, str], context: str) -> dict:
         texts, starts = value.get("text"), value.get("answer_start")
         if not isinstance(texts, list):  # one answer written as {"text": "...", "answer_start": 3}
             texts, starts = [texts], [starts]
+        elif "answer_start" not in value:  # texts alone: each is found in the context, as a string answer is
+            starts = [None] * len(texts)
         if not isinstance(starts, list) or len(starts) != len(texts):
             raise _Bad(f"field '{key}': 'text' and 'answer_start' must be lists of the same length")
     elif isinstance(value, list):
         for item in value:
+            if isinstance(item, str):  # ["Paris", "the city of Paris"]: texts, found in the context
+                item = {"text": item}
             if not isinstance(item, dict) or "text" not in item:
-                raise _Bad(f"field '{key}': each answer must be an object with 'text' and 'answer_start', "
-                           f"got {_type(item)}")
+                raise _Bad(f"field '{key}': each answer must be an object with 'text' and 'answer_start', or a "
+                           f"string, got {_type(item)}")
             texts.append(item["text"])
             starts.append(item.get("answer_start"))
     elif value is None or isinstance(value, str):
@@ -854,7 +893,10 @@ def _qa(rec: _Record, f: dict[str, str]) -> dict:
             "answers": answers}
 
 
-_ROLE_ALIASES = {"human": "user", "gpt": "assistant"}  # ShareGPT's from/value turns
+# ShareGPT's from/value turns ("human", "gpt", and "chatgpt" in some dumps), Gemma's and the Gemini API's
+# "model", and the "bot" of many chat logs; matched in any case ("Human", "User")
+_ROLE_ALIASES = {"human": "user", "gpt": "assistant", "chatgpt": "assistant", "model": "assistant",
+                 "bot": "assistant"}
 _CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -878,13 +920,14 @@ def _chat_turns(turns: Any, key: str, text_cells: bool) -> list[dict]:
         except json.JSONDecodeError as e:
             raise _Bad(f"field '{key}': invalid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(turns, list) or not turns:
-        raise _Bad(f"field '{key}' must be a non-empty list of {{role, content}} turns, got {_type(turns)}")
+        got = "an empty list" if isinstance(turns, list) else _type(turns)
+        raise _Bad(f"field '{key}' must be a non-empty list of {{role, content}} turns, got {got}")
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise _Bad(f"field '{key}'[{i}] must be an object with role and content, got {_type(turn)}")
         role, content = turn.get("role", turn.get("from")), turn.get("content", turn.get("value"))
-        role = _ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
+        role = _ROLE_ALIASES.get(role.lower(), role.lower()) if isinstance(role, str) else role
         if role not in _CHAT_ROLES:
             hint = closest(str(role), _CHAT_ROLES)
             raise _Bad(f"field '{key}'[{i}]: role {role!r} is not one of {', '.join(_CHAT_ROLES)}{hint}")
@@ -1157,10 +1200,12 @@ def _label_key(x: Any):
     return (1, str(x)) if isinstance(x, str) else (0, x)
 
 
-def build_label_map(train_labels: list, other: dict[str, list] | None = None) -> tuple[list, bool]:
+def build_label_map(train_labels: list, other: dict[str, list] | None = None,
+                    source: str | None = None) -> tuple[list, bool]:
     """(sorted class labels, is_regression). Regression when every label is a number and some are not
     whole (train and `other` splits together, so a 0-5 score whose training slice happens to be whole
-    numbers is still a score); then the label list is empty. Ints, bools and strings are classes."""
+    numbers is still a score); then the label list is empty. Ints, bools and strings are classes.
+    `source` names the training file in messages."""
     if not train_labels:
         raise LmforgeError("no training labels")
     everything = list(train_labels) + [x for labels in (other or {}).values() for x in labels]
@@ -1169,7 +1214,8 @@ def build_label_map(train_labels: list, other: dict[str, list] | None = None) ->
         return [], True
     labels = sorted(set(train_labels), key=_label_key)
     if len(labels) < 2:
-        raise LmforgeError(f"the training data has a single label {labels[0]!r}: classification needs at "
+        where = f"{source}: " if source else ""
+        raise LmforgeError(f"{where}the training data has a single label {labels[0]!r}: classification needs at "
                            "least two")
     return labels, False
 

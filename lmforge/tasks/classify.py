@@ -37,7 +37,8 @@ class ClassifyTask(Task):
     def prepare(self, tokenizer, train: Loaded, others: dict[str, Loaded]) -> None:
         super().prepare(tokenizer, train, others)
         self.labels, self.regression = build_label_map([r["label"] for r in train.rows],
-                                                       {k: [r["label"] for r in v.rows] for k, v in others.items()})
+                                                       {k: [r["label"] for r in v.rows] for k, v in others.items()},
+                                                       train.source)
         self.label_index = {lab: i for i, lab in enumerate(self.labels)}
         if self.regression:
             self.metric = "pearson"
