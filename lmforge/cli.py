@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             # active exception", a C++ thread) with the cause not found, and torchrun then failed the whole job.
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(int(result) if isinstance(result, int) else 0)
+            os._exit(_exit_code(result))
     except LmforgeError as e:
         # under torchrun every rank meets the same bad input: rank 0 alone says so (torchrun names the others)
         if os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1":
@@ -126,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+    return _exit_code(result)
+
+
+def _exit_code(result) -> int:
+    """A verb's exit status: an int it returns, a run's "exit_code" (a training run stopped by a signal), else 0."""
+    if isinstance(result, dict):
+        return int(result.get("exit_code") or 0)
     return int(result) if isinstance(result, int) else 0
 
 

@@ -739,7 +739,7 @@ def run(cfg: FinetuneConfig) -> dict:
         print(f"stopped at step {step}; checkpoint {path}. "
               f"Continue with: {rt.command('finetune')} --out {out} --resume",
               flush=True)
-        return {"stopped_at": step, "checkpoint": str(path)}
+        return {"stopped_at": step, "checkpoint": str(path), "exit_code": stop.exit_code() if signalled else 0}
     # over every invocation of a resumed run, as an uninterrupted run would report them
     train_seconds = before["train_seconds"] + time.time() - t0
     seen += before["samples"]

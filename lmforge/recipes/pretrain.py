@@ -420,7 +420,7 @@ def run(cfg: PretrainConfig) -> dict:
         print(f"stopped at step {step}; checkpoint {path}. "
               f"Continue with: {rt.command('pretrain')} --out {out} --resume",
               flush=True)
-        return {"stopped_at": step, "checkpoint": str(path)}
+        return {"stopped_at": step, "checkpoint": str(path), "exit_code": stop.exit_code() if signalled else 0}
 
     if last_eval is None or last_eval["step"] != step:
         last_eval = evaluate(step)

@@ -85,13 +85,21 @@ class StopOnSignal:
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None
         self._old: dict = {}
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
         print("\nstopping after this step (a checkpoint will be saved; press again to abort)", flush=True)
+
+    def exit_code(self) -> int:
+        """The exit status of a run this stopped, as a shell gives a process the signal ended: 130 for Ctrl-C,
+        143 for SIGTERM (also on a torchrun rank stopped by another rank's signal). Not 0: a Kubernetes Job
+        would count a preempted run as done, and `lmforge pretrain ... && next-step` would go on without it."""
+        import signal
+        return 128 + int(self.signum or signal.SIGTERM)
 
     def install(self) -> "StopOnSignal":
         import signal
