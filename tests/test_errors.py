@@ -162,6 +162,18 @@ def test_resume_without_checkpoint(tmp_path, tiny_run):
     out.mkdir()
     (out / "config.yaml").write_text("seed: 1337\n", encoding="utf-8")  # started, killed before a checkpoint
     assert_user_error(pretrain(tiny_run.corpus, out, "--resume"), "--resume", "no checkpoint", str(out / "checkpoints"))
+    # a real run killed before its first checkpoint: the command the message gives starts it again
+    import shutil
+
+    run = tmp_path / "killed"
+    assert pretrain(tiny_run.corpus, run, "--tokenizer", tiny_run.tokenizer).code == 0
+    for name in ("checkpoints", "final"):
+        shutil.rmtree(run / name, ignore_errors=True)  # a 1-step run saves no checkpoint before final
+    msg = assert_user_error(cli("pretrain", "--out", run, "--resume"), "no checkpoint", "start it again with")
+    again = msg.split("start it again with: lmforge ")[1].split()
+    assert again == ["pretrain", "--config", str(run / "config.yaml")]
+    res = cli(*again)
+    assert res.code == 0 and (run / "final").is_dir(), res.err
 
 
 def test_malformed_jsonl_reports_file_and_line(tmp_path):

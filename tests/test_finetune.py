@@ -633,6 +633,37 @@ def test_sft_end_to_end(tiny_run, tmp_path):
     assert "reply" in json.loads(pred.out)
 
 
+def test_a_sigterm_during_the_zero_shot_evaluation_saves_a_step_0_checkpoint(tiny_run, tmp_path, monkeypatch):
+    """The zero-shot evaluation takes minutes with a real model; a SIGTERM there killed the run unsaved (the
+    default handler), and --resume found nothing. It now stops with a step-0 checkpoint, the baseline kept."""
+    import os
+    import signal
+
+    from lmforge.tasks.sft import SFTTask
+
+    rows = [{"prompt": f"Say {w}.", "response": f"{w} {w}"} for w in ("king", "queen", "lord", "lady")] * 2
+    data = _write_jsonl(tmp_path / "chat.jsonl", rows)
+    out = tmp_path / "sft"
+    real, calls = SFTTask.evaluate, []
+
+    def preempted(self, *a, **kw):  # the scheduler's SIGTERM arrives mid-evaluation
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(SFTTask, "evaluate", preempted)
+    res = cli("finetune", "--task", "sft", "--model", tiny_run.final, "--train", data, "--validation", data,
+              "--out", out, "--max-steps", "2", "--batch-size", "4", "--no-progress", "--max-new-tokens", "2")
+    assert res.code == 143 and "stopped at step 0" in res.out, (res.out, res.err)
+    assert (out / "checkpoints" / "step-000000" / "lmforge_state").is_dir() and len(calls) == 1
+    res = cli("finetune", "--out", out, "--resume", "--no-progress")
+    assert res.code == 0, res.err
+    assert "zero-shot validation" not in res.out  # the resumed run kept the baseline it was saved with
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 2 and "perplexity" in m["zero_shot_validation"]
+
+
 def test_sft_alpaca_input_beyond_the_first_row_is_trained_and_predicted(tiny_run, tmp_path):
     # Alpaca files leave 'input' out where it is empty: a first row without one must not drop everyone's
     rows = [{"instruction": "Say hi.", "output": "hi"}] + [

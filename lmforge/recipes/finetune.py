@@ -404,7 +404,7 @@ def run(cfg: FinetuneConfig) -> dict:
         return {"finished": str(out / "final")}
     resume_from = ckpt.latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume_from is None:
-        raise LmforgeError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+        raise ckpt.nothing_to_resume(out, "finetune")
 
     # ---- model, tokenizer and data ----------------------------------------------------------------------------
     task = get_task(cfg.task)(cfg)
@@ -612,11 +612,18 @@ def run(cfg: FinetuneConfig) -> dict:
         return last_save[1]
 
     wall0, eval_seconds = time.time(), []  # the --max-minutes budget counts evaluations too, this one included
-    if step == 0 and cfg.task in ("translate", "sft"):  # the baseline fine-tuning has to beat (BLEU, perplexity)
-        zero_shot = evaluate("validation").metrics
-        eval_seconds.append(time.time() - wall0)
-        print(f"zero-shot validation: {short(zero_shot)}", flush=True)
-        log.log(step=0, **{f"val_{k}": v for k, v in zero_shot.items() if isinstance(v, (int, float))})
+    # the handler before the zero-shot evaluation, which takes minutes with a real model: a SIGTERM there saves a
+    # step-0 checkpoint that --resume continues from, the baseline kept, rather than killing the run unsaved
+    stop = StopOnSignal().install()
+    try:
+        if zero_shot is None and step == 0 and cfg.task in ("translate", "sft"):  # the baseline to beat
+            zero_shot = evaluate("validation").metrics
+            eval_seconds.append(time.time() - wall0)
+            print(f"zero-shot validation: {short(zero_shot)}", flush=True)
+            log.log(step=0, **{f"val_{k}": v for k, v in zero_shot.items() if isinstance(v, (int, float))})
+    except BaseException:  # a failed evaluation, or a second Ctrl-C: no handler outlives the run
+        stop.restore()
+        raise
 
     # ---- the loop ------------------------------------------------------------------------------------------
     eval_every = max(1, steps_per_epoch // max(1, cfg.evals_per_epoch))
@@ -626,11 +633,11 @@ def run(cfg: FinetuneConfig) -> dict:
     t0, seen, timed_steps, elapsed, shown = time.time(), 0, 0, 0.0, 0
     cap = plan["max_steps"] if cfg.max_steps or cfg.epochs else 10 ** 9
     refit = cfg.max_minutes > 0 and resume_from is None  # a resumed run keeps the plan it was saved with
-    stop = StopOnSignal().install()
     last_eval = None  # (step, EvalResult) of the latest validation pass
-    start_step, stopped = step, False
+    signalled = rt.agree([stop.requested])[0]  # during the zero-shot evaluation: a step-0 checkpoint
+    start_step, stopped = step, signalled
     try:
-        while step < plan["max_steps"]:
+        while not stopped and step < plan["max_steps"]:
             # Epochs count optimizer steps of world_size x grad_accum batches. Where the epoch's last step has
             # fewer, the empty places are filled with batches from its start at weight 0: every rank has to run
             # as many backward passes (DDP reduces in each), and each example counts once per epoch.

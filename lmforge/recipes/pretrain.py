@@ -151,7 +151,7 @@ def run(cfg: PretrainConfig) -> dict:
         return {"finished": str(out / "final")}
     resume_from = ckpt.latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume_from is None:
-        raise LmforgeError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+        raise ckpt.nothing_to_resume(out, "pretrain")
     saved: dict = ckpt.load_trainer_state(resume_from) if resume_from is not None else {}
 
     # ---- data and tokenizer -------------------------------------------------------------------------------

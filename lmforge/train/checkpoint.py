@@ -164,6 +164,14 @@ def refuse_earlier_run(out_dir: str | Path, verb: str) -> None:
                            f"{again}, or start afresh in another --out (or after rm -r {root})")
 
 
+def nothing_to_resume(out_dir: str | Path, verb: str) -> LmforgeError:
+    """--resume on a run stopped before its first checkpoint (during the step-0 evaluation, or killed): the
+    saved config starts it again as it was started."""
+    out = Path(out_dir)
+    return LmforgeError(f"--resume: no checkpoint in {out / 'checkpoints'}: the run stopped before it saved one; "
+                        f"start it again with: lmforge {verb} --config {out / 'config.yaml'}")
+
+
 def load_checked(ckpt: Path, load: Callable, *args):
     """`load(ckpt, *args)`, with a damaged checkpoint (a truncated or missing weights file: a full disk, a copy
     cut short) named, with the way out, instead of a safetensors traceback."""
