@@ -248,3 +248,34 @@ def test_generate_and_chat_stop_at_every_eos_the_model_names(tiny_run, tmp_path,
         said = [ln for ln in res.out.splitlines() if ln.startswith("assistant> ")][0][len("assistant> "):] \
             if stdin else res.out.removeprefix("ROMEO:" if "--chat" not in args else "")
         assert said.strip() == "", (args, res.out)
+
+
+def test_a_chat_prompt_too_long_for_the_window_keeps_the_template(tiny_run, monkeypatch):
+    """A plain continuation too long for the window keeps its last tokens; a chat prompt cut so lost the
+    template's opening (<|im_start|>user): the model read a turn that never began. The message is cut instead."""
+    import lmforge.generate.sampling as sampling
+    from lmforge.tokenizer.bpe import load_tokenizer
+
+    prompts = []
+    real = sampling.generate_ids
+    monkeypatch.setattr(sampling, "generate_ids", lambda model, ids, *a, **kw: prompts.append(ids) or real(
+        model, ids, *a, **kw))
+    res = cli("generate", "--model", tiny_run.final, "--prompt", "ROMEO: " * 100 + "the end", "--chat",
+              "--max-new-tokens", "8", "--temperature", "0")
+    assert res.code == 0, res.err
+    text = load_tokenizer(tiny_run.final).decode(prompts[0])
+    assert text.startswith("<|im_start|>user\n") and text.endswith("the end<|im_end|>\n<|im_start|>assistant\n")
+    assert len(prompts[0]) <= 64 - 8  # the window (64) less the reply
+    assert "only the message's last part is read" in res.err
+
+
+def test_generation_runs_no_forward_after_its_last_token(tiny_run):
+    """The last token's logits are never used: computing them cost a whole decode step per reply."""
+    from lmforge.generate.sampling import generate_ids
+    from lmforge.model.causal import load_causal_lm
+
+    model = load_causal_lm(tiny_run.final).eval()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    assert len(list(generate_ids(model, [1, 2, 3], max_new_tokens=5, temperature=0.0))) == 5
+    assert len(calls) == 5  # the prefill and 4 decode steps

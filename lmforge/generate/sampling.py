@@ -69,13 +69,14 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int = 128, temper
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     logits = model(idx, cache)[:, -1]  # (1, V)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, gen)  # (1,)
         token = int(nxt.item())
         if token in stop:
             return
         yield token
-        logits = model(nxt.view(1, 1), cache)[:, -1]
+        if step + 1 < max_new_tokens:  # after the last token its logits would be computed for nothing
+            logits = model(nxt.view(1, 1), cache)[:, -1]
 
 
 class StreamDecoder:

@@ -61,8 +61,15 @@ def _run(cfg: GenerateConfig) -> int:
     else:
         ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_token_id or 0]
     window = model_window(model)
-    keep, room = fit_window(len(ids), cfg.max_new_tokens, window)
-    if keep < len(ids):
+    n_prompt = len(ids)
+    keep, room = fit_window(n_prompt, cfg.max_new_tokens, window)
+    if keep < n_prompt and cfg.chat:
+        ids = cut_chat_message(tokenizer, prompt, keep)
+    if keep < n_prompt and len(ids) <= keep:
+        print(f"[the chat prompt has {n_prompt} tokens and the context window {window}: only the message's last "
+              f"part is read ({len(ids)} tokens with the chat template) to leave {room} for new ones]",
+              file=sys.stderr)
+    elif keep < len(ids):
         print(f"[the prompt has {len(ids)} tokens and the context window {window}: its first {len(ids) - keep} "
               f"tokens are dropped to leave {room} for new ones]", file=sys.stderr)
     elif room < cfg.max_new_tokens:
@@ -82,3 +89,21 @@ def _run(cfg: GenerateConfig) -> int:
         dt = time.time() - t
         print(f"[{n} tokens in {dt:.2f} s: {n / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
     return 0
+
+
+def cut_chat_message(tokenizer, message: str, limit: int) -> list[int]:
+    """Chat prompt ids of at most `limit` tokens for a user message too long for them: the message keeps its last
+    tokens inside the chat template. Cutting the rendered prompt's first tokens instead (as a plain continuation
+    is cut) would drop the template's opening (`<|im_start|>user`), and the model would read a turn that never
+    began. A template longer than `limit` on its own is left to generate_ids, which keeps the prompt's end."""
+    from lmforge.tasks.sft import encode_prompt, encode_text
+
+    content = encode_text(tokenizer, message)
+    ids = encode_prompt(tokenizer, [{"role": "user", "content": message}])
+    n = len(content) - (len(ids) - limit)  # content tokens that fit beside the template
+    while len(ids) > limit and n >= 1:
+        # decode/encode of a cut text may merge differently at the cut: re-measure until it fits
+        text = tokenizer.decode(content[-n:], skip_special_tokens=True).lstrip("\ufffd")  # a character cut in two
+        ids = encode_prompt(tokenizer, [{"role": "user", "content": text}])
+        n -= max(1, len(ids) - limit)
+    return ids
