@@ -31,6 +31,10 @@ def test_outputs(tiny_run):
     assert (out / "tokenizer" / "tokenizer.json").is_file()
     assert (out / "config.yaml").is_file()
     assert yaml.safe_load((final / "lmforge_config.yaml").read_text())["max_steps"] == 6
+    hf = json.loads((final / "config.json").read_text())
+    tok = json.loads((final / "tokenizer_config.json").read_text())
+    assert hf["pad_token_id"] is not None and hf["eos_token_id"] is not None  # transformers' batches pad with it
+    assert tok.get("pad_token") == "<|pad|>"
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 6

@@ -34,6 +34,7 @@ class ModelConfig:
     head_dim: int = 0  # 0: n_embd // n_head
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None  # a list as instruct models name several (Llama 3: two)
+    pad_token_id: int | None = None  # written to config.json: transformers' batched generate pads with it
     arch: str = "llama"  # the Hugging Face architecture written on export: "llama" or "qwen2" (q/k/v biases)
     # Llama 3.1+'s long-context RoPE: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
     # "original_max_position_embeddings"} as in its config.json; None: plain RoPE
@@ -294,7 +295,8 @@ class LlamaLM(nn.Module):
             "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
             "rope_scaling": c.rope_scaling, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
             "attention_dropout": 0.0, "tie_word_embeddings": c.tie_embeddings, "initializer_range": 0.02,
-            "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "torch_dtype": "float32",
+            "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
+            "torch_dtype": "float32",
             "use_cache": True,
         }
 
@@ -377,7 +379,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
         bos_token_id=hf.get("bos_token_id"), eos_token_id=list(eos) if isinstance(eos, list) else eos,
-        arch="qwen2" if mtype == "qwen2" else "llama", rope_scaling=scaling,
+        pad_token_id=hf.get("pad_token_id"), arch="qwen2" if mtype == "qwen2" else "llama", rope_scaling=scaling,
     )
 
 

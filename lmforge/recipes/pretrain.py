@@ -86,7 +86,7 @@ def model_config(cfg: PretrainConfig, vocab_size: int, tokenizer):
     if p["n_embd"] % p["n_head"] or (p["n_embd"] // p["n_head"]) % 2:
         raise LmforgeError(f"--n-embd {p['n_embd']} must split into {p['n_head']} heads of even width")
     return ModelConfig(vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, **p)
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **p)
 
 
 def prepare_tokenizer(cfg: PretrainConfig, out: Path, sources):
