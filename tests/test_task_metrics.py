@@ -7,6 +7,7 @@ import pytest
 
 from lmforge.evaluate.task_metrics import (classification_metrics, normalize_answer, regression_metrics,
                                            squad_em_f1, squad_metrics, translation_metrics)
+from lmforge.tasks.translate import bleu_tokenize
 
 
 def test_classification_confusion_matrix_and_f1():
@@ -22,8 +23,13 @@ def test_classification_confusion_matrix_and_f1():
 def test_classification_unpredicted_class_scores_zero():
     m = classification_metrics([0, 0, 1], [0, 0, 0], [0, 1, 2])
     assert m["per_class"][1] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
-    assert m["per_class"][2]["support"] == 0
-    assert m["macro_f1"] == pytest.approx((0.8 + 0 + 0) / 3)
+    assert m["per_class"][2] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    # class 2 is neither in the data nor predicted: left out of the macro average, as scikit-learn's default
+    assert m["macro_f1"] == pytest.approx((0.8 + 0) / 2)
+    # a perfect run on data without one of the model's classes (old: 2/3)
+    assert classification_metrics(["a", "b"], ["a", "b"], ["a", "b", "c"])["macro_f1"] == 1.0
+    # a predicted class the data lacks still counts, with F1 0
+    assert classification_metrics(["a", "a"], ["a", "c"], ["a", "b", "c"])["macro_f1"] == pytest.approx(1 / 3)
     with pytest.raises(ValueError):
         classification_metrics([0], [5], [0, 1])
 
@@ -42,12 +48,25 @@ def test_regression_metrics():
     assert math.isnan(regression_metrics([i / 6 for i in range(7)], [0.7] * 7)["pearson"])
 
 
+def test_pearson_of_tiny_and_huge_values():
+    # two points correlate exactly; squared deviations near 1e-321 had lost their digits (old: -0.9055)
+    m = regression_metrics([-7.372600748578804e-161, -9.043868750710514e-161], [-0.590319829701875, -0.2496874061])
+    assert m["pearson"] == pytest.approx(-1.0)
+    # a perfect line whose squared deviations overflowed to inf (old: 0.0)
+    assert regression_metrics([1e200, 2e200, 3e200], [1, 2, 3])["pearson"] == pytest.approx(1.0)
+    # scipy.stats.pearsonr, and never outside [-1, 1]
+    assert regression_metrics([1e-160, 2e-160, 3.5e-160], [1, 2, 3])["pearson"] == pytest.approx(0.9933992677987827)
+    assert abs(regression_metrics([0.1, 0.2, 0.3], [0.3, 0.6, 0.9])["pearson"]) <= 1.0
+
+
 @pytest.mark.parametrize("raw, expected", [
     ("The Quick, Brown fox!", "quick brown fox"),
     ("An apple a day", "apple day"),
     ("  Theater\tof the   absurd. ", "theater of absurd"),
     ("the", ""),
     ("U.S.A.", "usa"),
+    ("《红楼梦》，", "红 楼 梦"),  # CJK punctuation goes; each character is a token
+    ("Beijing大学 ", "beijing 大 学"),
 ])
 def test_normalize_answer(raw, expected):
     assert normalize_answer(raw) == expected
@@ -63,6 +82,17 @@ def test_squad_em_f1():
     assert squad_em_f1("the", []) == (1.0, 1.0)
     assert squad_em_f1("Paris", []) == (0.0, 0.0)
     assert squad_em_f1("", ["Paris"]) == (0.0, 0.0)
+
+
+def test_squad_chinese_scores_characters():
+    # whitespace tokens made a Chinese answer one token, so F1 was all or nothing (old: 0.0, 0.0, 0.0)
+    assert squad_em_f1("北京大学", ["北京"]) == (0.0, pytest.approx(2 / 3))
+    assert squad_em_f1("在北京。", ["北京"]) == (0.0, pytest.approx(0.8))
+    assert squad_em_f1("東京タワー", ["東京"]) == (0.0, pytest.approx(4 / 7))
+    # spacing and punctuation do not matter, as in English (old: 0.0, 0.0)
+    assert squad_em_f1("北京 大学", ["北京大学"]) == (1.0, 1.0)
+    assert squad_em_f1("《红楼梦》", ["红楼梦"]) == (1.0, 1.0)
+    assert squad_em_f1("上海", ["北京"]) == (0.0, 0.0)
 
 
 def test_squad_metrics_percent_and_breakdown():
@@ -89,3 +119,9 @@ def test_translation_metrics():
     assert math.isnan(translation_metrics([], [])["bleu"])
     with pytest.raises(ValueError):
         translation_metrics(["a"], [])
+
+
+def test_bleu_splits_lao_into_characters():
+    # Lao is written without spaces, as Thai is: 13a would make each sentence one word (old: None, i.e. 13a)
+    assert [bleu_tokenize(c) for c in ("lo", "lo-LA", "lao_Laoo", "Lao")] == ["char"] * 4
+    assert bleu_tokenize("th") == "char" and bleu_tokenize("es") is None

@@ -1,14 +1,15 @@
 """Metrics for fine-tuned tasks: pure functions, no model or file access, easy to test.
 
 classify: accuracy, macro F1, per-class scores and a confusion matrix (regression: MSE, Pearson, Spearman);
-qa: SQuAD v2 exact match and F1, computed as the official evaluation script does; translate: sacreBLEU's
-BLEU and chrF.
+qa: SQuAD v2 exact match and F1, computed as the official evaluation script does (Chinese and Japanese by
+character); translate: sacreBLEU's BLEU and chrF.
 """
 from __future__ import annotations
 
 import collections
 import re
 import string
+import unicodedata
 
 import numpy as np
 
@@ -16,8 +17,9 @@ import numpy as np
 # ------------------------------------------------------------------------------------------ classification
 
 def classification_metrics(y_true: list, y_pred: list, labels: list) -> dict:
-    """Accuracy, macro F1 over `labels`, per-class precision/recall/F1/support, and the confusion matrix
-    (rows = true label, columns = predicted label, both in `labels` order)."""
+    """Accuracy, macro F1 (over the labels that occur in y_true or y_pred), per-class precision/recall/F1/support
+    for every one of `labels`, and the confusion matrix (rows = true label, columns = predicted label, both in
+    `labels` order)."""
     if len(y_true) != len(y_pred):
         raise ValueError(f"{len(y_true)} true labels but {len(y_pred)} predictions")
     index = {label: i for i, label in enumerate(labels)}
@@ -27,7 +29,7 @@ def classification_metrics(y_true: list, y_pred: list, labels: list) -> dict:
             raise ValueError(f"label {t if t not in index else p!r} is not in labels {labels!r}")
         matrix[index[t]][index[p]] += 1
     n = len(y_true)
-    per_class = {}
+    per_class, occurring = {}, []
     for i, label in enumerate(labels):
         tp = matrix[i][i]
         predicted = sum(row[i] for row in matrix)
@@ -37,10 +39,14 @@ def classification_metrics(y_true: list, y_pred: list, labels: list) -> dict:
         recall = tp / support if support else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+        if support or predicted:
+            occurring.append(f1)
     correct = sum(matrix[i][i] for i in range(len(labels)))
     return {
         "accuracy": correct / n if n else float("nan"),
-        "macro_f1": sum(c["f1"] for c in per_class.values()) / len(labels) if labels else float("nan"),
+        # over the classes in the gold labels or the predictions, as scikit-learn's default: a class the data
+        # lacks and the model never predicts has no F1, and counted as 0 it held a perfect run below 1
+        "macro_f1": sum(occurring) / len(occurring) if occurring else float("nan"),
         "per_class": per_class,
         "confusion_matrix": matrix,
         "n": n,
@@ -60,13 +66,21 @@ def _rank(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def _centred_unit(x: np.ndarray) -> np.ndarray:
+    """x - mean(x), scaled so its largest magnitude is 1 (x not constant), as scipy does: unscaled, the squares
+    of values near 1e-160 underflow and lose their digits (r = -1.003 for two points) and those near 1e200
+    overflow (r = 0.0 for a perfect line). Scaled only after centring, so 1e6 + small steps keep their digits."""
+    x = x - x.mean()
+    return x / np.abs(x).max()
+
+
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     if np.all(a == a[0]) or np.all(b == b[0]):
         # a constant side has no correlation; after centring, rounding leaves ~1e-17 that would pass for one
         return float("nan")
-    a, b = a - a.mean(), b - b.mean()
-    denom = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denom) if denom > 0 else float("nan")  # values so small their squares underflow
+    a, b = _centred_unit(a), _centred_unit(b)
+    r = (a @ b) / np.sqrt((a @ a) * (b @ b))
+    return float(np.clip(r, -1.0, 1.0))  # rounding can leave |r| a hair above 1
 
 
 def regression_metrics(y_true: list, y_pred: list) -> dict:
@@ -89,15 +103,28 @@ def regression_metrics(y_true: list, y_pred: list) -> dict:
 # ------------------------------------------------------------------------------------------ SQuAD
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
-_PUNCT = set(string.punctuation)
+# the official script's ASCII punctuation, plus the punctuation of the CJK and full-width blocks (，。、《》！？),
+# which Chinese answers carry as English ones carry ',.!?'; no other text has these characters
+_CJK_BLOCKS = ((0x3000, 0x30FF), (0xFE30, 0xFE4F), (0xFF00, 0xFF65))
+_CJK_PUNCT = {chr(c) for lo, hi in _CJK_BLOCKS for c in range(lo, hi + 1) if unicodedata.category(chr(c))[0] == "P"}
+_PUNCT = set(string.punctuation) | _CJK_PUNCT
+# Chinese and Japanese are written without spaces: split on whitespace, a whole answer was one token and F1
+# was all or nothing ('北京大学' against '北京': 0). Each ideograph or kana is a token instead, the mixed
+# segmentation of the CMRC 2018 and MLQA evaluation scripts; text without them splits as the official script's.
+_CJK_CHAR = re.compile("([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff])")
+
+
+def _segment(s: str) -> list[str]:
+    return _CJK_CHAR.sub(r" \1 ", s).split()
 
 
 def normalize_answer(s: str) -> str:
-    """Lower text and remove punctuation, articles and extra whitespace (official SQuAD v2 script)."""
+    """Lower text and remove punctuation, articles and extra whitespace (official SQuAD v2 script), with
+    Chinese and Japanese characters one token each."""
     s = s.lower()
     s = "".join(ch for ch in s if ch not in _PUNCT)
     s = _ARTICLES.sub(" ", s)
-    return " ".join(s.split())
+    return " ".join(_segment(s))
 
 
 def _tokens(s: str) -> list[str]:
