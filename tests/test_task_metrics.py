@@ -116,6 +116,8 @@ def test_translation_metrics():
     assert bad["bleu"] == pytest.approx(0.0) and bad["chrf"] < 10
     zh = ["我爱你们大家好朋友"]  # 'zh' splits per character, so BLEU has 4-grams to count
     assert translation_metrics(zh, list(zh), tokenize="zh")["bleu"] == pytest.approx(100.0)
+    assert "tok:zh" in translation_metrics(zh, list(zh), tokenize="zh")["bleu_signature"]
+    assert "tok:13a" in m["bleu_signature"] and "nrefs:1" in m["chrf_signature"]
     assert math.isnan(translation_metrics([], [])["bleu"])
     with pytest.raises(ValueError):
         translation_metrics(["a"], [])

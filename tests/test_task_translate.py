@@ -127,7 +127,7 @@ def test_t5_features_evaluate_and_overfit(tok_dir, data_file, tmp_path):
     assert (batch["labels"] == -100).any() and "decoder_input_ids" not in batch
 
     zero = task.evaluate(model.eval(), loaded, contextlib.nullcontext, "cpu", 3)  # zero-shot, before training
-    assert set(zero.metrics) == {"bleu", "chrf", "n"} and zero.metrics["n"] == 4
+    assert set(zero.metrics) == {"bleu", "chrf", "n", "bleu_signature", "chrf_signature"} and zero.metrics["n"] == 4
     assert 0 <= zero.metrics["bleu"] < 100 and len(zero.predictions) == 4
     assert set(zero.predictions[0]) == {"source", "reference", "prediction"}
 
@@ -186,7 +186,7 @@ def test_decoder_only_chat_template_masks_the_target(tok_dir, data_file, tmp_pat
     assert batch["input_ids"].shape == batch["labels"].shape
     assert torch.isfinite(model(**batch).loss)
     res = task.evaluate(model.eval(), loaded, contextlib.nullcontext, "cpu", 4)  # zero-shot
-    assert set(res.metrics) == {"bleu", "chrf", "n"} and res.metrics["n"] == 4
+    assert set(res.metrics) == {"bleu", "chrf", "n", "bleu_signature", "chrf_signature"} and res.metrics["n"] == 4
     out = translate(model, tok, [PAIRS[0][0]], max_new_tokens=5, **task.config_extras())
     assert len(out) == 1 and isinstance(out[0], str)
 

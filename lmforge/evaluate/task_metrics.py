@@ -185,9 +185,14 @@ def translation_metrics(hypotheses: list[str], references: list[str], tokenize: 
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     if not hypotheses:
         return {"bleu": float("nan"), "chrf": float("nan"), "n": 0}
-    bleu_kwargs = {"tokenize": tokenize} if tokenize else {}
+    bleu = sacrebleu.metrics.BLEU(**({"tokenize": tokenize} if tokenize else {}))
+    chrf = sacrebleu.metrics.CHRF()
     return {
-        "bleu": float(sacrebleu.corpus_bleu(hypotheses, [references], **bleu_kwargs).score),
-        "chrf": float(sacrebleu.corpus_chrf(hypotheses, [references]).score),
+        "bleu": float(bleu.corpus_score(hypotheses, [references]).score),
+        "chrf": float(chrf.corpus_score(hypotheses, [references]).score),
         "n": len(hypotheses),
+        # BLEU depends on its tokenizer (13a, zh, char here by target language): the signature says which, so a
+        # score can be compared with a paper's
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
     }
