@@ -147,6 +147,27 @@ def test_greedy_generation_equals_argmax_of_full_forward(native):
     assert got == seq[len(prompt):]
 
 
+def test_repetition_penalty_is_transformers(native, tiny_run):
+    """generate_ids' repetition_penalty is transformers': the same logits on random scores, and greedy generation
+    token for token equal to generate(repetition_penalty=...), the prompt's tokens penalised too."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from lmforge.generate.sampling import generate_ids, penalize_repeats
+
+    scores, seen = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)), random_ids(50, (3, 12), seed=1)
+    for p in (1.3, 0.8):
+        torch.testing.assert_close(penalize_repeats(scores, seen, p),
+                                   RepetitionPenaltyLogitsProcessor(p)(seen, scores.clone()), atol=0, rtol=0)
+    prompt = random_ids(512, (1, 6), seed=7)[0].tolist()
+    plain = list(generate_ids(native, prompt, max_new_tokens=24, temperature=0.0))
+    got = list(generate_ids(native, prompt, max_new_tokens=24, temperature=0.0, repetition_penalty=3.0))
+    with torch.no_grad():
+        want = hf_model(tiny_run.final).generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                                                 repetition_penalty=3.0, eos_token_id=None,
+                                                 pad_token_id=0)[0, len(prompt):].tolist()
+    assert got == want and got != plain  # the penalty changed this reply, and as transformers changes it
+
+
 def test_rope_grows_past_max_seq_len():
     """A window longer than max_seq_len still runs (RoPE tables are extended), matching the cached path."""
     model = _randomized(ModelConfig(vocab_size=50, n_layer=1, n_head=2, n_kv_head=2, n_embd=16, max_seq_len=8))

@@ -1,7 +1,8 @@
 """Token sampling with a KV cache, and streaming detokenisation.
 
 The prompt is run once (prefill) to fill the cache; each later step feeds one token. Sampling applies, in
-order: temperature, top-k, top-p (nucleus). temperature 0 means greedy.
+order: the repetition penalty, temperature, top-k, top-p (nucleus), as transformers' generate does.
+temperature 0 means greedy (after the penalty).
 """
 from __future__ import annotations
 
@@ -23,6 +24,14 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits (B, V) with each token in `seen` (B, N) made less likely by `penalty` (> 1; < 1 favours repeats):
+    a positive logit divided by it, a negative one multiplied, as transformers' repetition_penalty (CTRL's)."""
+    scores = logits.gather(-1, seen)  # (B, N)
+    scores = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return logits.scatter(-1, seen, scores)
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -54,8 +63,9 @@ def model_window(model) -> int:
 @torch.no_grad()
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int = 128, temperature: float = 0.8,
                  top_k: int | None = None, top_p: float | None = None, stop_ids: Iterable[int] = (),
-                 seed: int | None = None) -> Iterator[int]:
-    """Yield new token ids one at a time; stops after a stop id (not yielded) or max_new_tokens."""
+                 seed: int | None = None, repetition_penalty: float = 1.0) -> Iterator[int]:
+    """Yield new token ids one at a time; stops after a stop id (not yielded) or max_new_tokens.
+    `repetition_penalty` (1: off) counts the prompt's tokens too, as transformers' does."""
     device = next(model.parameters()).device
     prompt_ids = list(prompt_ids) or [0]
     keep, max_new_tokens = fit_window(len(prompt_ids), max_new_tokens, model_window(model))
@@ -69,12 +79,17 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int = 128, temper
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     logits = model(idx, cache)[:, -1]  # (1, V)
+    seen = idx  # (1, T + new so far): the tokens the penalty applies to
     for step in range(max_new_tokens):
+        if repetition_penalty != 1.0:
+            logits = penalize_repeats(logits.float(), seen, repetition_penalty)
         nxt = sample_next(logits, temperature, top_k, top_p, gen)  # (1,)
         token = int(nxt.item())
         if token in stop:
             return
         yield token
+        if repetition_penalty != 1.0:
+            seen = torch.cat([seen, nxt.view(1, 1)], dim=1)
         if step + 1 < max_new_tokens:  # after the last token its logits would be computed for nothing
             logits = model(nxt.view(1, 1), cache)[:, -1]
 

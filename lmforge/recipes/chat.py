@@ -37,6 +37,8 @@ class ChatConfig:
     top_p: float = opt(1.0, "nucleus sampling: smallest set with this much probability (1: off)", gt=0, le=1)
     seed: int | None = opt(None, "random seed for reproducible replies (turn n uses seed + n)", ge=0,
                             lt=2 ** 32)
+    repetition_penalty: float = opt(1.0, "make tokens already in the prompt or reply less likely (1: off; 1.1-1.3 "
+                                         "curbs loops), as transformers' repetition_penalty", gt=0)
     context: int | None = opt(None, "context window in tokens (default and maximum: the model's)", ge=8)
 
 
@@ -192,7 +194,7 @@ class Chat:
         try:
             for token in generate_ids(self.model, ids, self.reply_room, self.cfg.temperature,
                                       self.cfg.top_k or None, self.cfg.top_p if self.cfg.top_p < 1 else None,
-                                      self.stop_ids, seed):
+                                      self.stop_ids, seed, self.cfg.repetition_penalty):
                 _write(dec.push(token))
         except KeyboardInterrupt:  # Ctrl-C mid-reply: keep what was said, back to the prompt
             _write(" [interrupted]")

@@ -23,6 +23,8 @@ class GenerateConfig:
     top_k: int = opt(50, "sample from the k most likely tokens (0: off)", ge=0)
     top_p: float = opt(1.0, "nucleus sampling: smallest set with this much probability (1: off)", gt=0, le=1)
     seed: int | None = opt(None, "random seed for reproducible samples", ge=0, lt=2 ** 32)
+    repetition_penalty: float = opt(1.0, "make tokens already in the prompt or reply less likely (1: off; 1.1-1.3 "
+                                         "curbs loops), as transformers' repetition_penalty", gt=0)
     stats: bool = opt(False, "print tokens/s to stderr at the end")
 
 
@@ -80,7 +82,7 @@ def _run(cfg: GenerateConfig) -> int:
     dec = StreamDecoder(tokenizer, context=[] if cfg.chat else ids)  # the text goes on after the prompt
     t, n = time.time(), 0
     for token in generate_ids(model, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
-                              cfg.top_p if cfg.top_p < 1 else None, stops, cfg.seed):
+                              cfg.top_p if cfg.top_p < 1 else None, stops, cfg.seed, cfg.repetition_penalty):
         n += 1
         sys.stdout.write(dec.push(token))
         sys.stdout.flush()
