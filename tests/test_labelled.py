@@ -892,6 +892,11 @@ def test_semicolon_csv_from_european_excel(tmp_path):
     assert got.fields == {"text": "Text", "label": "Label"} and got.line_numbers == [2, 3]
     path = write(tmp_path / "c.csv", "text,label\nsee; also,1\nb,0\n")  # a comma header stays a comma file
     assert load_examples(str(path), "classify").rows[0]["text"] == "see; also"
+    # its scores are written with a decimal comma: a regression target, not the string classes '0,5' and '4,25'
+    path = write(tmp_path / "s.csv", "text;score\nmeh;2,5\ngreat;4,25\nbad;1\n")
+    assert [r["label"] for r in load_examples(str(path), "classify").rows] == [2.5, 4.25, 1]
+    path = write(tmp_path / "k.csv", "text,label\nmeh,\"2,5\"\n")  # a comma CSV's '2,5' is no number
+    assert load_examples(str(path), "classify").rows[0]["label"] == "2,5"
 
 
 def test_squad_article_without_paragraphs_is_named(tmp_path):

@@ -304,6 +304,7 @@ class _Record:
     obj: dict | None
     error: str | None = None  # why the record could not even be parsed
     text_cells: bool = False  # CSV/TSV: every value is a string, so numbers arrive as text
+    decimal_comma: bool = False  # a semicolon CSV (European Excel): '0,5' is the number 0.5
 
 
 def _read_text(path: Path, keep_bad_bytes: bool = False) -> str:
@@ -547,7 +548,7 @@ def _iter_csv(path: Path, src: str, delimiter: str, skip_bad_bytes: bool = False
         if bad:
             yield _Record(start, loc, None, bad, text_cells=True)
             continue
-        yield _Record(start, loc, dict(zip(header, cells)), text_cells=True)
+        yield _Record(start, loc, dict(zip(header, cells)), text_cells=True, decimal_comma=delimiter == ";")
 
 
 def _iter_parquet(path: Path, src: str) -> Iterator[_Record]:
@@ -767,9 +768,15 @@ def _text(obj: dict, key: str, role: str, *, optional: bool = False) -> str | No
     return value
 
 
-def _number(text: str, key: str) -> int | float | str:
-    """CSV cells are text: '1' and '3.5' mean numbers there, anything else stays a string label; 'nan' and
-    'inf' are refused, as NaN and Infinity are in JSON (a score column with a gap, not a class)."""
+_DECIMAL_COMMA = re.compile(r"[+-]?\d+,\d+")
+
+
+def _number(text: str, key: str, decimal_comma: bool = False) -> int | float | str:
+    """CSV cells are text: '1' and '3.5' mean numbers there (and '3,5' in a semicolon CSV, whose Excel wrote
+    it with the comma as decimal mark), anything else stays a string label; 'nan' and 'inf' are refused, as
+    NaN and Infinity are in JSON (a score column with a gap, not a class)."""
+    if decimal_comma and _DECIMAL_COMMA.fullmatch(text):
+        text = text.replace(",", ".")
     try:
         return int(text)
     except ValueError:
@@ -795,7 +802,7 @@ def _classify(rec: _Record, f: dict[str, str]) -> dict:
         if not label:
             raise _Bad(f"field '{key}' is empty")
         if rec.text_cells:
-            label = _number(label, key)
+            label = _number(label, key, rec.decimal_comma)
     elif label is None:
         raise _Bad(f"field '{key}' is null")
     elif isinstance(label, float) and not math.isfinite(label):
