@@ -454,6 +454,18 @@ def test_a_request_wider_than_the_batch_runs_on_an_idle_server(tiny_run):
             assert r.status_code == 200, r.text
             assert len(r.json()["choices"]) == 3
         assert tc.get("/health").json()["engine"]["rejected_queue_full"] == 0
+    # the reply's last event comes once its row is free: a client that sends its next request on it found the
+    # engine busy (this test's second request got 503 now and then)
+    import queue
+
+    from lmforge.serve import engine as E
+
+    done = queue.Queue()
+    engine = served.engine
+    engine.submit([[1, 2, 3]], [E.SamplingParams(max_tokens=3, temperature=0)],
+                  lambda ev: done.put(engine.snapshot()["active"]) if ev.finish_reason else None)
+    assert done.get(timeout=30) == 0
+    served.close()
 
 
 def test_request_timeout(tiny_run):

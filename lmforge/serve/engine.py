@@ -651,14 +651,15 @@ class Engine:
             self._finish(s, reason)
 
     def _finish(self, s: Sequence, reason: str) -> None:
-        """Send what is left and the finish reason, and free the row."""
+        """Send what is left, free the row, then send the finish reason."""
+        finish = None
         if not s.done:
             if reason == "cancelled":
                 self.stats["cancelled"] += 1
             else:
                 if reason in ("stop", "length") and s.add_text(s.decoder.flush(), final=True):
                     reason = "stop"  # a stop string completed by the held-back tail
-                s.emit(finish="stop" if reason == "stop_string" else reason)
+                finish = "stop" if reason == "stop_string" else reason
             s.done = True
         with self._cv:
             row = self._active.index(s)
@@ -666,6 +667,10 @@ class Engine:
             last = self._active.pop()
             if row < len(self._active):
                 self._active[row] = last
+        if finish is not None:
+            # only once the row is free: a client that sends its next request as this reply ends found the
+            # engine still busy with it (503 under --max-queue 0)
+            s.emit(finish=finish)
 
 
 def sample_rows(seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
