@@ -780,6 +780,10 @@ def test_translate_seq2seq_end_to_end(tiny_t5, tmp_path):
               "--out", tmp_path / "tr2", "--max-steps", "1", "--no-progress", "--max-new-tokens", "2")
     assert res.code == 0, res.err
     assert json.loads((tmp_path / "tr2" / "predictions.jsonl").read_text())["source"] == "the dog"
+    # another target language is refused by evaluate as by finetune's validation (it scored against French)
+    french = _write_jsonl(tmp_path / "enfr.jsonl", [{"en": "the dog", "fr": "le chien"}])
+    assert_user_error(cli("evaluate", "--model", out, "--data", french), "enfr.jsonl", "no field 'es'",
+                      "--field target=")
 
 
 def test_regression_and_gradient_checkpointing(tiny_bert, tmp_path):

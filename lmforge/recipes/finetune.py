@@ -487,8 +487,10 @@ def run(cfg: FinetuneConfig) -> dict:
     resolved = dict(C.to_dict(cfg), lr=lr, batch_size=batch_size, max_steps=max_steps, precision=precision,
                     max_length=task.max_length, attention=kernel if kernel in ("eager", "sdpa") else cfg.attention)
     extras = {"task": cfg.task, "base_model": str(path), "lora": cfg.lora, **task.config_extras(),
-              # the fields read from the training data, guessed or named: predict --input looks for them first
-              "data_fields": {k: v for k, v in train.fields.items() if k in task.fields()},
+              # the fields read from the training data, guessed or named: predict --input looks for them first;
+              # a translator's languages too, so evaluate refuses a file in another one as validation does
+              "data_fields": {k: v for k, v in train.fields.items()
+                              if k in task.fields() or k in ("source_lang", "target_lang")},
               "finetune": resolved}
     config_yaml = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
     log = MetricsLog(out, enabled=rt.is_main)
