@@ -536,9 +536,9 @@ def _chat_messages(messages: list[S.ChatMessage]) -> list[dict]:
 @functools.lru_cache(maxsize=4)
 def _special_texts(tokenizer) -> re.Pattern | None:
     """The texts of the tokenizer's special tokens, as one pattern (None where it has none)."""
-    texts = set(tokenizer.all_special_tokens)
-    texts |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
-    texts = sorted((t for t in texts if t), key=len, reverse=True)
+    from lmforge.tasks.sft import special_texts
+
+    texts = sorted(special_texts(tokenizer), key=len, reverse=True)  # a longer token before its own prefix
     return re.compile("|".join(map(re.escape, texts))) if texts else None
 
 

@@ -92,6 +92,11 @@ def _special_ids(tokenizer) -> set[int]:
     return ids
 
 
+def special_texts(tokenizer) -> set[str]:
+    """The texts of the tokenizer's special tokens (those _special_ids counts), as chat content would spell them."""
+    return {t for t in tokenizer.convert_ids_to_tokens(sorted(_special_ids(tokenizer))) if t}
+
+
 def _turn_closer(tokenizer) -> int | None:
     """The special token the chat template writes right after an assistant reply, or None where the template
     writes none (plain text or nothing follows) or rejects the probe chat."""
